@@ -1,0 +1,110 @@
+"""Batches: an index gather from the packed store, padding to the batch's longest sequence, boolean masks.
+
+No per-sample Python: the rows of all samples of a batch are gathered with one index tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+
+from avlowshot.data.store import FeatureStore, Modality
+
+
+@dataclass
+class Batch:
+    audio: torch.Tensor  # float32 [B, Da] or [B, La, Da]
+    video: torch.Tensor  # float32 [B, Dv] or [B, Lv, Dv]
+    labels: torch.Tensor  # int64 [B], global class ids
+    audio_mask: torch.Tensor | None = None  # bool [B, La], True = valid row
+    video_mask: torch.Tensor | None = None
+    audio_time: torch.Tensor | None = None  # float32 [B, La], seconds from the first kept row
+    video_time: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        values = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            values[f.name] = v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
+        return Batch(**values)
+
+    def __len__(self) -> int:
+        return int(self.labels.numel())
+
+
+def _gather_averaged(mod: Modality, idx: torch.Tensor) -> torch.Tensor:
+    return mod.data[idx].to(torch.float32)
+
+
+def _gather_temporal(
+    mod: Modality,
+    idx: torch.Tensor,
+    max_len: int | None = None,
+    starts: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pad (and optionally crop to ``max_len`` rows from ``starts``) the sequences of ``idx``."""
+    begin = mod.offsets[idx]
+    length = mod.offsets[idx + 1] - begin
+    if starts is not None:
+        begin = begin + starts
+        length = length - starts
+    if max_len is not None:
+        length = length.clamp(max=max_len)
+    width = int(max_len if max_len is not None else (int(length.max()) if len(length) else 0))
+    batch = idx.numel()
+    pos = torch.arange(width)
+    mask = pos.unsqueeze(0) < length.unsqueeze(1)  # [B, L]
+    rows = (begin.unsqueeze(1) + pos.unsqueeze(0))[mask]
+    out = torch.zeros(batch, width, mod.dim, dtype=torch.float32)
+    out[mask] = mod.data[rows].to(torch.float32)
+    time = (pos.to(torch.float32) * mod.step_seconds).expand(batch, width).contiguous()
+    return out, mask, time
+
+
+def gather(store: FeatureStore, indices: np.ndarray | torch.Tensor) -> Batch:
+    """The samples ``indices`` of ``store`` as one batch (temporal features padded to the longest sequence)."""
+    idx = torch.as_tensor(np.asarray(indices), dtype=torch.int64)
+    labels = store.labels[idx]
+    if not store.temporal:
+        return Batch(_gather_averaged(store.audio, idx), _gather_averaged(store.video, idx), labels)
+    a, am, at = _gather_temporal(store.audio, idx)
+    v, vm, vt = _gather_temporal(store.video, idx)
+    return Batch(a, v, labels, am, vm, at, vt)
+
+
+class ClassBalancedSampler:
+    """The references' sampler: ``n_batches`` batches of ``batch_size`` draws *with replacement*, each draw a
+    uniformly random class, then a uniformly random sample of it (``WeightedRandomSampler`` with class-uniform
+    weights). Fully vectorised; one epoch of indices is drawn at once from a seeded generator."""
+
+    def __init__(self, labels: np.ndarray, indices: np.ndarray, batch_size: int, n_batches: int):
+        indices = np.asarray(indices, dtype=np.int64)
+        lab = np.asarray(labels)[indices]
+        order = np.argsort(lab, kind="stable")
+        self.sorted_indices = torch.from_numpy(indices[order])
+        self.class_ids, starts, counts = np.unique(lab[order], return_index=True, return_counts=True)
+        self.starts = torch.from_numpy(starts.astype(np.int64))
+        self.counts = torch.from_numpy(counts.astype(np.int64))
+        self.batch_size = batch_size
+        self.n_batches = n_batches
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_ids)
+
+    def epoch(self, generator: torch.Generator) -> torch.Tensor:
+        """``[n_batches, batch_size]`` store indices."""
+        shape = (self.n_batches, self.batch_size)
+        cls = torch.randint(self.n_classes, shape, generator=generator)
+        within = (torch.rand(shape, generator=generator, dtype=torch.float64) * self.counts[cls]).long()
+        return self.sorted_indices[self.starts[cls] + within]
+
+    def negatives(self, labels_of_positives: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """For each positive, a sample of a uniformly random *other* class of this split (AVCA-style negatives)."""
+        pos_cls = torch.searchsorted(torch.from_numpy(self.class_ids), labels_of_positives)
+        shift = torch.randint(1, self.n_classes, pos_cls.shape, generator=generator)
+        cls = (pos_cls + shift) % self.n_classes
+        within = (torch.rand(cls.shape, generator=generator, dtype=torch.float64) * self.counts[cls]).long()
+        return self.sorted_indices[self.starts[cls] + within]

@@ -1,0 +1,299 @@
+"""Open a dataset root in one of the authors' layouts: class table, class lists, packed feature store, protocol."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from avlowshot.data import cache as cache_mod
+from avlowshot.data.classes import ClassTable, build_class_table, read_class_list, read_name_map
+from avlowshot.data.layouts import (
+    CASE_INSENSITIVE,
+    ClassFile,
+    LayoutSpec,
+    check_dataset,
+    get_layout,
+    read_class_file,
+)
+from avlowshot.data.safe_pickle import load_npy_dict
+from avlowshot.data.splits import SHOT_CHOICES, Protocol, avdiff_protocol, derive_gfsl, gzsl_protocol
+from avlowshot.data.store import FeatureStore
+from avlowshot.errors import DataError
+
+
+@dataclass
+class Benchmark:
+    spec: LayoutSpec
+    dataset: str
+    root: Path
+    shots: int | None  # avdiff layout: the shot folder read
+    store: FeatureStore
+    class_lists: dict[str, np.ndarray]  # class ids of each class-split txt
+
+    @property
+    def layout(self) -> str:
+        return self.spec.name
+
+    @property
+    def feature_set(self) -> str:
+        return self.spec.feature_set
+
+    @property
+    def split_family(self) -> str:
+        return self.spec.split_family_name(self.shots)
+
+    @property
+    def classes(self) -> ClassTable:
+        return self.store.classes
+
+    def protocol(self, shots: int | None = None, seed: int = 0) -> Protocol:
+        """GZSL for the GZSL layouts; GFSL for avdiff. ``shots`` on a GZSL layout derives a GFSL benchmark."""
+        if self.spec.task == "gfsl":
+            if shots not in (None, self.shots):
+                raise DataError(
+                    f"this avdiff root was opened with {self.shots} shots, not {shots}",
+                    key="shots",
+                    fix=f"open it with --shots {shots}",
+                )
+            return avdiff_protocol(self.store, self.class_lists, self.shots)
+        gzsl = gzsl_protocol(self.store, self.class_lists)
+        return gzsl if shots is None else derive_gfsl(self.store, gzsl, shots, seed)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def read_class_table(spec: LayoutSpec, root: Path, dataset: str, shots: int | None = None) -> ClassTable:
+    all_class = root / "class-split" / "all_class.txt"
+    map_file, key_col = spec.name_map_file(root, dataset)
+    name_map = read_name_map(map_file, key_col)
+    files = spec.text_files(root, dataset, shots)
+    dicts = [load_npy_dict(f) for f in files]
+    text = dicts[0]
+    if len(dicts) > 1:  # ClipClap: CLIP (512) ++ CLAP (1024) per class name
+        for f, d in zip(files[1:], dicts[1:], strict=True):
+            missing = sorted(set(text) - set(d))
+            if missing:
+                raise DataError(
+                    f"no vector for '{missing[0]}'",
+                    path=f,
+                    key=missing[0],
+                    fix="CLIP and CLAP text files must list the same classes",
+                )
+        text = {k: np.concatenate([np.asarray(d[k], dtype=np.float32) for d in dicts]) for k in text}
+    return build_class_table(
+        all_class,
+        name_map,
+        text,
+        case_insensitive=CASE_INSENSITIVE[dataset],
+        text_file=files[0],
+        expected_dim=spec.text_dim,
+    )
+
+
+def read_class_lists(
+    spec: LayoutSpec, root: Path, classes: ClassTable, shots: int | None = None
+) -> dict[str, np.ndarray]:
+    base = spec.split_root(root, shots)
+    if not base.is_dir():
+        raise DataError(
+            "class-split folder not found",
+            path=base,
+            fix=f"point --root-dir at the dataset folder holding class-split/{spec.split_family_name(shots)}/",
+        )
+    return {
+        name: classes.ids(read_class_list(base / f"{name}.txt"), where=base / f"{name}.txt")
+        for name in spec.class_lists
+    }
+
+
+def _class_files(spec: LayoutSpec, root: Path, modality: str, folder: str, shots: int | None) -> dict[str, Path]:
+    d = spec.features_root(root, shots) / modality / folder
+    if not d.is_dir():
+        raise DataError(
+            f"missing split folder for {modality}",
+            path=d,
+            key=folder,
+            fix=f"the layout {spec.name} needs features/{d.relative_to(root / 'features')}/<Class>.{spec.file_format}",
+        )
+    return {p.stem: p for p in sorted(d.iterdir()) if p.is_file() and p.suffix == f".{spec.file_format}"}
+
+
+def list_inputs(spec: LayoutSpec, root: Path, shots: int | None) -> list[tuple[str, str, Path, Path]]:
+    """(folder, class name, audio file, video file) for every class file of every split folder read."""
+    out = []
+    for folder in spec.folders:
+        audio = _class_files(spec, root, "audio", folder, shots)
+        video = _class_files(spec, root, "video", folder, shots)
+        for only, have, other in (
+            (set(audio) - set(video), "audio", "video"),
+            (set(video) - set(audio), "video", "audio"),
+        ):
+            if only:
+                name = sorted(only)[0]
+                raise DataError(
+                    f"class '{name}' has a {have} file but no {other} file",
+                    path=spec.class_file(root, other, folder, name, shots),
+                    key=name,
+                    fix=f"add the missing {other} features of this class or remove the {have} file",
+                )
+        if not audio:
+            raise DataError(
+                "split folder holds no class files",
+                path=spec.features_root(root, shots) / "audio" / folder,
+                key=folder,
+                fix=f"expected one <Class>.{spec.file_format} per class",
+            )
+        out += [(folder, name, audio[name], video[name]) for name in sorted(audio)]
+    return out
+
+
+def _validate(spec: LayoutSpec, modality: str, cf: ClassFile, path: Path) -> list[np.ndarray] | np.ndarray:
+    """Check dims, dtypes and values of one class file; return its arrays in the stored dtype of the layout."""
+    fs = getattr(spec, modality)
+    n = len(cf.video_ids)
+    if n == 0:
+        raise DataError("class file holds no videos (empty class)", path=path, fix="remove the file or add its videos")
+    want = np.dtype(fs.dtype)
+    feats = cf.features if isinstance(cf.features, list) else [cf.features]
+    for i, f in enumerate(feats):
+        expect_ndim = 2 if (spec.temporal or not isinstance(cf.features, list)) else 1
+        if f.ndim != expect_ndim or f.shape[-1] != fs.dim or (expect_ndim == 2 and f.shape[0] == 0):
+            shape = f"[T, {fs.dim}]" if spec.temporal else (f"({fs.dim},)" if expect_ndim == 1 else f"[N, {fs.dim}]")
+            raise DataError(
+                f"{modality} features have shape {tuple(f.shape)}, expected {shape}",
+                path=path,
+                key=f"features[{i}]" if isinstance(cf.features, list) else "data",
+                fix=f"this is not a {spec.name} {modality} file (wrong feature set or layout?)",
+            )
+        ok = (f.dtype == want) if want.kind in "iu" else (f.dtype.kind == "f")
+        if not ok:
+            raise DataError(
+                f"{modality} features have dtype {f.dtype}, expected {want}",
+                path=path,
+                key=f"features[{i}]" if isinstance(cf.features, list) else "data",
+                fix=f"{spec.name} stores {modality} as {want}",
+            )
+    block = np.concatenate([f.reshape(-1, fs.dim) for f in feats])
+    if block.dtype.kind == "f":
+        bad = ~np.isfinite(block).all(axis=1)
+        if bad.any():
+            row = int(np.argmax(bad))
+            raise DataError(
+                f"{modality} features contain NaN or Inf (row {row})",
+                path=path,
+                key="features",
+                fix="re-extract this class",
+            )
+    if len(set(cf.video_ids)) != n:
+        dup = next(v for v in cf.video_ids if cf.video_ids.count(v) > 1)
+        raise DataError(f"video id '{dup}' occurs twice", path=path, key=dup, fix="each video once per class file")
+    if isinstance(cf.features, list):
+        return [np.asarray(f, dtype=want) for f in cf.features]
+    return np.asarray(cf.features, dtype=want)
+
+
+def iter_samples(
+    spec: LayoutSpec, root: Path, classes: ClassTable, shots: int | None
+) -> Iterator[tuple[str, int, list[str], object, object]]:
+    """Read, validate and pair every class file: yields (folder, class id, video ids, audio, video) with audio and
+    video matched by video id (not by file order)."""
+    for folder, name, apath, vpath in list_inputs(spec, root, shots):
+        cid = classes.id_of(name, where=apath)
+        acf, vcf = read_class_file(spec, apath), read_class_file(spec, vpath)
+        audio = _validate(spec, "audio", acf, apath)
+        video = _validate(spec, "video", vcf, vpath)
+        if set(acf.video_ids) != set(vcf.video_ids):
+            only = sorted(set(acf.video_ids) ^ set(vcf.video_ids))[0]
+            raise DataError(
+                f"audio and video list different videos (e.g. '{only}')",
+                path=vpath,
+                key=only,
+                fix=f"{apath} and {vpath} must hold the same video ids",
+            )
+        pos = {v: i for i, v in enumerate(vcf.video_ids)}
+        order = np.array([pos[v] for v in acf.video_ids])
+        video = [video[i] for i in order] if isinstance(video, list) else video[order]
+        yield folder, cid, acf.video_ids, audio, video
+
+
+def load_benchmark(
+    layout: str,
+    root_dir: str | Path,
+    dataset: str,
+    *,
+    shots: int | None = None,
+    cache_dir: str | Path | None = None,
+    rebuild_cache: bool = False,
+) -> Benchmark:
+    spec = get_layout(layout)
+    dataset = check_dataset(dataset)
+    root = Path(root_dir).resolve()
+    if not root.is_dir():
+        raise DataError("dataset root not found", path=root, fix="--root-dir must be the unpacked dataset folder")
+    if spec.task == "gfsl":
+        if shots not in SHOT_CHOICES:
+            raise DataError("the avdiff layout needs --shots", key="shots", fix=f"use one of {SHOT_CHOICES}")
+    folder_shots = shots if spec.task == "gfsl" else None
+    classes = read_class_table(spec, root, dataset, folder_shots)
+    lists = read_class_lists(spec, root, classes, folder_shots)
+    store = open_store(spec, root, dataset, classes, folder_shots, cache_dir, rebuild_cache)
+    return Benchmark(spec, dataset, root, folder_shots, store, lists)
+
+
+def open_store(
+    spec: LayoutSpec,
+    root: Path,
+    dataset: str,
+    classes: ClassTable,
+    shots: int | None,
+    cache_dir: str | Path | None,
+    rebuild: bool,
+) -> FeatureStore:
+    cache_root = Path(cache_dir).resolve() if cache_dir is not None else cache_mod.default_cache_dir()
+    if cache_root == root or root in cache_root.parents:
+        raise DataError(
+            "the cache folder lies inside the dataset root, which is never written to",
+            path=cache_root,
+            key="cache-dir",
+            fix="choose a --cache-dir outside the dataset root",
+        )
+    inputs = list_inputs(spec, root, shots)
+    files = [p for _, _, a, v in inputs for p in (a, v)]
+    small = [root / "class-split" / "all_class.txt"]
+    key = cache_mod.inputs_key([spec.name, dataset, str(shots)], files, small)
+    prefix = f"{dataset}-{spec.name}{f'-{shots}shot' if shots else ''}-"
+    target = cache_root / f"{prefix}{key[:20]}"
+    if rebuild and target.exists():
+        import shutil
+
+        shutil.rmtree(target)
+    steps = (spec.audio.step_seconds, spec.video.step_seconds)
+    opened = cache_mod.open_cache(target, spec.temporal, steps)
+    if opened is None:
+        writer = cache_mod.CacheWriter(target)
+        try:
+            for folder, cid, vids, audio, video in iter_samples(spec, root, classes, shots):
+                writer.add("audio", audio)
+                writer.add("video", video)
+                writer.add_samples(np.full(len(vids), cid), list(spec.folders).index(folder), vids)
+        except BaseException:
+            writer.abort()
+            raise
+        writer.commit({"root": str(root), "layout": spec.name, "dataset": dataset, "shots": shots, "key": key})
+        cache_mod.remove_stale(cache_root, prefix, target.name, str(root))
+        opened = cache_mod.open_cache(target, spec.temporal, steps)
+    return FeatureStore(
+        audio=opened["audio"],
+        video=opened["video"],
+        labels=opened["labels"],
+        video_ids=opened["video_ids"],
+        folder=opened["folder"],
+        folders=list(spec.folders),
+        classes=classes,
+        layout=spec.name,
+        dataset=dataset,
+    )

@@ -1,0 +1,278 @@
+"""The authors' on-disk feature layouts: where each file lives, its format, dims and dtypes.
+
+One ``LayoutSpec`` per layout; one reader and one writer per file format (h5 for AVCA, pickled dicts for the
+others). Paths follow specs/*.md section 1 exactly, so ``--root-dir`` can point at an unpacked download.
+
+=============  ================================================  =====================  ====================
+layout         features folder                                   audio                  video
+=============  ================================================  =====================  ====================
+avca-cls       features/cls_features/{a,v}/<split>/<C>.h5         [N,128] avg VGGish     [N,4096] avg C3D
+avca-main      features/main_features/...h5                       [N,512] avg SeLaVi     [N,512] avg SeLaVi
+tcaf-cls       features/cls_features_non_averaged/...pkl          [T,128] uint8 0.96 s   [T,4096] f32 0.64 s
+tcaf-main      features/main_features_non_averaged/...pkl         [T,512] f32 1 s        [T,512] f32 1 s
+clipclap       features/cls_features_non_averaged/...pkl          (1024,) f32 CLAP       (512,) f16 CLIP
+avdiff         features/<k>-shot/...pkl (11 split folders)        [T,128] uint8 0.96 s   [T,4096] f32 0.64 s
+=============  ================================================  =====================  ====================
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from avlowshot.data.safe_pickle import load_pickle
+from avlowshot.errors import DataError
+
+DATASETS = ("UCF", "ActivityNet", "VGGSound")
+LAYOUTS = ("avca-cls", "avca-main", "tcaf-cls", "tcaf-main", "clipclap", "avdiff")
+
+GZSL_CLASS_LISTS = (
+    "stage_1_train",
+    "stage_1_val_seen",
+    "stage_1_val_unseen",
+    "stage_2_train",
+    "stage_2_test_seen",
+    "stage_2_test_unseen",
+)
+GZSL_FOLDERS = ("stage_1_train", "stage_1_val_seen", "stage_1_val_unseen", "stage_2_test_seen", "stage_2_test_unseen")
+GFSL_CLASS_LISTS = (
+    "stage_1_base_train",
+    "stage_1_novel_train",
+    "stage_1_val_seen",
+    "stage_1_val_unseen",
+    "stage_2_base_train",
+    "stage_2_novel_train",
+    "stage_2_test_seen",
+    "stage_2_test_unseen",
+)
+GFSL_FOLDERS = (
+    "stage_1_train_base",
+    "stage_1_train_novel",
+    "stage_1_val_seen",
+    "stage_1_val_novel",
+    "stage_2_train_novel",
+    "stage_2_train_novel_1",
+    "stage_2_train_novel_2",
+    "stage_2_test_seen",
+    "stage_2_test_novel",
+    "stage_2_test_novel_1",
+    "stage_2_test_novel_2",
+)
+
+# Dataset tag in file names: the w2v files say "activity", ClipClap's CLIP/CLAP files say "activitynet".
+W2V_TAG = {"UCF": "ucf", "ActivityNet": "activity", "VGGSound": "vggsound"}
+CSV_TAG = {"UCF": "ucf", "ActivityNet": "activitynet", "VGGSound": "vggsound"}
+CASE_INSENSITIVE = {"UCF": True, "ActivityNet": True, "VGGSound": False}
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    dim: int
+    dtype: str  # dtype on disk
+    step_seconds: float  # seconds per row of a temporal feature
+
+
+@dataclass(frozen=True)
+class TextFile:
+    pattern: str  # file name under features/<dir>/text/, "{tag}" = dataset tag
+    dim: int
+    tag: dict  # dataset -> tag
+
+
+@dataclass(frozen=True)
+class LayoutSpec:
+    name: str
+    family: str  # avca | tcaf | clipclap | avdiff
+    feature_set: str  # cls | main | clipclap
+    feature_dir: str  # folder under features/ ("{k}" = shots for avdiff)
+    split_family: str  # folder under class-split/ ("{k}" = shots for avdiff)
+    file_format: str  # h5 | pkl
+    temporal: bool
+    audio: FeatureSpec
+    video: FeatureSpec
+    text: tuple[TextFile, ...]
+    task: str = "gzsl"
+
+    def features_root(self, root: Path, shots: int | None = None) -> Path:
+        return root / "features" / self.feature_dir.format(k=f"{shots}-shot")
+
+    def split_root(self, root: Path, shots: int | None = None) -> Path:
+        return root / "class-split" / self.split_family.format(k=f"{shots}-shot")
+
+    def split_family_name(self, shots: int | None = None) -> str:
+        return self.split_family.format(k=f"{shots}-shot")
+
+    @property
+    def folders(self) -> tuple[str, ...]:
+        return GFSL_FOLDERS if self.task == "gfsl" else GZSL_FOLDERS
+
+    @property
+    def class_lists(self) -> tuple[str, ...]:
+        return GFSL_CLASS_LISTS if self.task == "gfsl" else GZSL_CLASS_LISTS
+
+    @property
+    def text_dim(self) -> int:
+        return sum(t.dim for t in self.text)
+
+    def name_map_file(self, root: Path, dataset: str) -> tuple[Path, str]:
+        """The csv mapping ``original`` class names to embedding keys, and the key column."""
+        if self.family == "clipclap" and dataset == "UCF":
+            return root / "class-split" / "ucf_clip_class_names.csv", "clip_class_name"
+        return root / "class-split" / f"{CSV_TAG[dataset]}_w2v_class_names.csv", "manual"
+
+    def text_files(self, root: Path, dataset: str, shots: int | None = None) -> list[Path]:
+        base = self.features_root(root, shots) / "text"
+        return [base / t.pattern.format(tag=t.tag[dataset]) for t in self.text]
+
+    def class_file(self, root: Path, modality: str, folder: str, class_name: str, shots: int | None = None) -> Path:
+        return self.features_root(root, shots) / modality / folder / f"{class_name}.{self.file_format}"
+
+
+W2V = TextFile("word_embeddings_{tag}_normed.npy", 300, W2V_TAG)
+VGGISH_T = FeatureSpec(128, "uint8", 0.96)
+C3D_T = FeatureSpec(4096, "float32", 0.64)
+SELAVI_T = FeatureSpec(512, "float32", 1.0)
+
+LAYOUT_SPECS: dict[str, LayoutSpec] = {
+    "avca-cls": LayoutSpec(
+        "avca-cls", "avca", "cls", "cls_features", "cls_split", "h5", False,
+        FeatureSpec(128, "float32", 0.96), FeatureSpec(4096, "float32", 0.64), (W2V,),
+    ),
+    "avca-main": LayoutSpec(
+        "avca-main", "avca", "main", "main_features", "main_split", "h5", False,
+        FeatureSpec(512, "float32", 1.0), FeatureSpec(512, "float32", 1.0), (W2V,),
+    ),
+    "tcaf-cls": LayoutSpec(
+        "tcaf-cls", "tcaf", "cls", "cls_features_non_averaged", "cls_split", "pkl", True, VGGISH_T, C3D_T, (W2V,)
+    ),
+    "tcaf-main": LayoutSpec(
+        "tcaf-main", "tcaf", "main", "main_features_non_averaged", "main_split", "pkl", True, SELAVI_T, SELAVI_T, (W2V,)
+    ),
+    "clipclap": LayoutSpec(
+        "clipclap", "clipclap", "clipclap", "cls_features_non_averaged", "cls_split", "pkl", False,
+        FeatureSpec(1024, "float32", 10.0), FeatureSpec(512, "float16", 10.0),
+        (TextFile("word_embeddings_{tag}_normed.npy", 512, CSV_TAG),
+         TextFile("wavcaps_word_embeddings_{tag}_normed.npy", 1024, CSV_TAG)),
+    ),
+    "avdiff": LayoutSpec(
+        "avdiff", "avdiff", "cls", "{k}", "{k}", "pkl", True, VGGISH_T, C3D_T, (W2V,), task="gfsl"
+    ),
+}  # fmt: skip
+
+
+def get_layout(name: str) -> LayoutSpec:
+    try:
+        return LAYOUT_SPECS[name]
+    except KeyError:
+        raise DataError(f"unknown layout '{name}'", key="layout", fix=f"use one of {', '.join(LAYOUTS)}") from None
+
+
+def check_dataset(name: str) -> str:
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset '{name}'", key="dataset", fix=f"use one of {', '.join(DATASETS)}")
+    return name
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Class files: read
+
+
+@dataclass
+class ClassFile:
+    """The videos of one class in one split folder of one modality, as stored."""
+
+    features: list[np.ndarray] | np.ndarray  # per-video arrays (pkl) or one [N, D] array (h5)
+    video_ids: list[str]
+
+
+def _decode_id(value) -> str:
+    if isinstance(value, bytes | np.bytes_):
+        return bytes(value).decode("utf-8")
+    return str(value)
+
+
+def read_class_file(spec: LayoutSpec, path: Path) -> ClassFile:
+    if spec.file_format == "h5":
+        return _read_h5(path)
+    return _read_pkl(path)
+
+
+def _read_h5(path: Path) -> ClassFile:
+    try:
+        with h5py.File(path, "r") as fh:
+            for key in ("data", "video_urls"):
+                if key not in fh:
+                    raise DataError(
+                        f"missing dataset '{key}' (found: {sorted(fh.keys())})",
+                        path=path,
+                        key=key,
+                        fix="AVCA feature files hold 'data' [N, D] and 'video_urls' [N]",
+                    )
+            data = fh["data"][()]
+            urls = [_decode_id(u) for u in fh["video_urls"][()]]
+    except FileNotFoundError:
+        raise DataError("file not found", path=path) from None
+    except DataError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        raise DataError(f"truncated or corrupt HDF5 file ({exc})", path=path, fix="re-download this file") from None
+    if data.ndim != 2:
+        raise DataError(f"'data' has shape {data.shape}, expected [n_videos, dim]", path=path, key="data")
+    if len(urls) != len(data):
+        raise DataError(f"{len(data)} rows of 'data' but {len(urls)} 'video_urls'", path=path, key="video_urls")
+    return ClassFile(data, urls)
+
+
+def _read_pkl(path: Path) -> ClassFile:
+    obj = load_pickle(path)
+    if not isinstance(obj, dict):
+        raise DataError(f"expected a dict with 'features' and 'video_names', found {type(obj).__name__}", path=path)
+    for key in ("features", "video_names"):
+        if key not in obj:
+            raise DataError(
+                f"missing key '{key}' (found: {sorted(map(str, obj))})",
+                path=path,
+                key=key,
+                fix="feature pickles hold {'features': [...], 'video_names': [...], 'fps': [...]}",
+            )
+    feats, names = obj["features"], obj["video_names"]
+    if len(feats) != len(names):
+        raise DataError(f"{len(feats)} 'features' but {len(names)} 'video_names'", path=path, key="video_names")
+    for i, f in enumerate(feats):
+        if not isinstance(f, np.ndarray):
+            raise DataError(f"features[{i}] is a {type(f).__name__}, not a numpy array", path=path, key="features")
+    return ClassFile(list(feats), [_decode_id(n) for n in names])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Class files: write (synthetic benchmarks, feature extraction)
+
+
+def write_class_file(
+    spec: LayoutSpec, path: Path, features: list[np.ndarray] | np.ndarray, video_ids: list[str]
+) -> None:
+    """Write one class file in the authors' format, atomically (temp file + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    if spec.file_format == "h5":
+        data = np.asarray(features)
+        with h5py.File(tmp, "w", track_order=False) as fh:
+            fh.create_dataset("data", data=data, track_times=False)
+            fh.create_dataset(
+                "video_urls",
+                data=np.array([v.encode() for v in video_ids], dtype=h5py.string_dtype("ascii")),
+                track_times=False,
+            )
+    else:
+        obj = {
+            "features": list(features),
+            "video_names": [np.bytes_(v.encode()) for v in video_ids],
+            "fps": [25] * len(video_ids),
+        }
+        with open(tmp, "wb") as fh:
+            pickle.dump(obj, fh, protocol=4)
+    tmp.replace(path)

@@ -1,0 +1,106 @@
+"""The in-memory form every layout reader produces.
+
+Per modality one contiguous tensor: averaged features as ``[N, D]``, temporal features packed as ``[sum T_i, D]``
+plus ``offsets`` (``[N + 1]``, sample i owns rows ``offsets[i]:offsets[i+1]``). Features keep the dtype they have on
+disk (uint8 VGGish, float16 CLIP, float32 C3D / SeLaVi); batches are converted to float32 when gathered. The
+tensors may be memory-mapped from the cache, so a store larger than RAM costs only page cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from avlowshot.data.classes import ClassTable
+
+
+@dataclass
+class Modality:
+    data: torch.Tensor  # [N, D] (averaged) or [sum T, D] (temporal), dtype as stored
+    offsets: torch.Tensor | None = None  # int64 [N + 1] for temporal features, None for averaged ones
+    step_seconds: float = 1.0  # seconds per row (VGGish 0.96, C3D 0.64, SeLaVi 1.0)
+
+    @property
+    def temporal(self) -> bool:
+        return self.offsets is not None
+
+    @property
+    def dim(self) -> int:
+        return int(self.data.shape[-1])
+
+    def lengths(self) -> torch.Tensor:
+        if self.offsets is None:
+            raise ValueError("averaged features have no lengths")
+        return self.offsets[1:] - self.offsets[:-1]
+
+    def __len__(self) -> int:
+        return int(self.offsets.numel() - 1) if self.offsets is not None else int(self.data.shape[0])
+
+
+@dataclass
+class FeatureStore:
+    """All samples of one dataset root in one layout, each tagged with the split folder it came from."""
+
+    audio: Modality
+    video: Modality
+    labels: torch.Tensor  # int64 [N], global class ids
+    video_ids: np.ndarray  # str [N]
+    folder: np.ndarray  # int16 [N], index into ``folders``
+    folders: list[str]  # split folder names, e.g. "stage_1_train"
+    classes: ClassTable
+    layout: str = ""
+    dataset: str = ""
+
+    def __len__(self) -> int:
+        return int(self.labels.numel())
+
+    @property
+    def temporal(self) -> bool:
+        return self.audio.temporal
+
+    def in_folders(self, *names: str) -> np.ndarray:
+        """Indices of the samples read from any of the given split folders (ascending)."""
+        codes = [self.folders.index(n) for n in names if n in self.folders]
+        return np.flatnonzero(np.isin(self.folder, codes))
+
+    def counts(self, indices: np.ndarray | None = None) -> dict[int, int]:
+        labels = self.labels.numpy() if indices is None else self.labels.numpy()[indices]
+        ids, n = np.unique(labels, return_counts=True)
+        return dict(zip(ids.tolist(), n.tolist(), strict=True))
+
+    @staticmethod
+    def from_arrays(
+        audio: list[np.ndarray] | np.ndarray,
+        video: list[np.ndarray] | np.ndarray,
+        labels: np.ndarray,
+        classes: ClassTable,
+        *,
+        folder: np.ndarray | None = None,
+        folders: list[str] | None = None,
+        video_ids: np.ndarray | None = None,
+        audio_step: float = 0.96,
+        video_step: float = 0.64,
+    ) -> FeatureStore:
+        """Build a store from in-memory arrays: ``[N, D]`` arrays for averaged features, lists of ``[T_i, D]``
+        arrays for temporal ones (packed here)."""
+
+        def modality(x, step: float) -> Modality:
+            if isinstance(x, np.ndarray):
+                return Modality(torch.from_numpy(np.ascontiguousarray(x)), None, step)
+            lengths = np.array([len(a) for a in x], dtype=np.int64)
+            offsets = np.zeros(len(x) + 1, dtype=np.int64)
+            np.cumsum(lengths, out=offsets[1:])
+            return Modality(torch.from_numpy(np.concatenate(x, axis=0)), torch.from_numpy(offsets), step)
+
+        n = len(labels)
+        return FeatureStore(
+            audio=modality(audio, audio_step),
+            video=modality(video, video_step),
+            labels=torch.as_tensor(np.asarray(labels, dtype=np.int64)),
+            video_ids=np.asarray(video_ids if video_ids is not None else [f"v{i:06d}" for i in range(n)]),
+            folder=np.asarray(folder if folder is not None else np.zeros(n), dtype=np.int16),
+            folders=list(folders or ["all"]),
+            classes=classes,
+        )
