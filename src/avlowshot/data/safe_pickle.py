@@ -77,7 +77,9 @@ def safe_loads(data: bytes, *, path: str | Path = "<bytes>") -> Any:
                 path=path,
                 fix="this file is not a feature file of the authors' format (or was tampered with); re-download it",
             ) from None
-        raise DataError(f"corrupt pickle ({exc})", path=path, fix="re-download or re-extract this file") from None
+        raise DataError(
+            f"truncated or corrupt pickle ({exc})", path=path, fix="re-download or re-extract this file"
+        ) from None
     except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError, UnicodeError) as exc:
         raise DataError(
             f"truncated or corrupt pickle ({type(exc).__name__}: {exc})",

@@ -104,7 +104,7 @@ class Generator:
         self.text = {}
         for t in spec.text:
             lift = g.standard_normal((LATENT_RANK, t.dim))
-            vec = self.z @ lift + 0.35 * np.sqrt(LATENT_RANK) * g.standard_normal((n_classes, t.dim))
+            vec = self.z @ lift + 0.6 * np.sqrt(LATENT_RANK) * g.standard_normal((n_classes, t.dim))
             self.text[t.pattern] = (vec / np.linalg.norm(vec, axis=1, keepdims=True)).astype(np.float32)
         first = self.text[spec.text[0].pattern]
         w = g.standard_normal((first.shape[1], 2 * PROTO_DIM)) * np.sqrt(first.shape[1] / 300.0)
@@ -129,7 +129,7 @@ class Generator:
         out = []
         for m in ("audio", "video"):
             fs = getattr(self.spec, m)
-            signal = self.proto[m][class_id] + 0.45 * rng.standard_normal((n, PROTO_DIM))  # video-level variation
+            signal = self.proto[m][class_id] + 0.9 * rng.standard_normal((n, PROTO_DIM))  # video-level variation
             if self.spec.temporal:
                 out.append(self._temporal(rng, m, signal, np.maximum(1, (dur / fs.step_seconds).astype(int))))
             else:
@@ -149,7 +149,7 @@ class Generator:
         return np.split(rows, np.cumsum(lengths)[:-1])
 
     def _averaged(self, rng, m: str, signal: np.ndarray) -> np.ndarray:
-        latent = 0.5 * signal + 0.35 * rng.standard_normal(signal.shape)  # ~ the mean over a clip's rows
+        latent = 0.5 * signal + 0.5 * rng.standard_normal(signal.shape)  # ~ the mean over a clip's rows
         return self._lift(rng, m, latent.astype(np.float32))
 
     def _lift(self, rng, m: str, latent: np.ndarray) -> np.ndarray:

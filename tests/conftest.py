@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from avlowshot.data.synth import write_synthetic
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "benchmarks"
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory):
+    """``synth_root(layout, dataset="UCF", scale=0.03, seed=0, shots=None)``: a synthetic root, written once."""
+    made: dict[tuple, Path] = {}
+
+    def make(layout: str, dataset: str = "UCF", scale: float = 0.03, seed: int = 0, shots: int | None = None) -> Path:
+        key = (layout, dataset, scale, seed, shots)
+        if key not in made:
+            out = tmp_path_factory.mktemp("synth") / dataset
+            made[key] = write_synthetic(layout, dataset, out, scale=scale, seed=seed, shots=shots)
+        return made[key]
+
+    return make
+
+
+@pytest.fixture
+def cache_dir(tmp_path):
+    return tmp_path / "cache"

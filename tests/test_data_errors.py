@@ -1,0 +1,239 @@
+"""Every bad input fails early, names the file, the key and the fix, exits 2 from the CLI, and writes nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from avlowshot.cli import app
+from avlowshot.data.benchmark import load_benchmark
+from avlowshot.data.check import check_root
+from avlowshot.data.safe_pickle import load_npy_dict, load_pickle, save_npy_dict
+from avlowshot.errors import DataError
+
+runner = CliRunner()
+TCAF = "features/cls_features_non_averaged"
+
+
+def _copy(synth_root, tmp_path, layout="tcaf-cls", **kw) -> Path:
+    root = tmp_path / "UCF"
+    shutil.copytree(synth_root(layout, **kw), root)
+    return root
+
+
+def _first(root: Path, sub: str) -> Path:
+    return sorted((root / sub).glob("*.*"))[0]
+
+
+def _rewrite(path: Path, edit) -> None:
+    with open(path, "rb") as fh:
+        obj = pickle.load(fh)
+    edit(obj)
+    with open(path, "wb") as fh:
+        pickle.dump(obj, fh)
+
+
+def _digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h.update(str(p).encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def _missing_folder(root):
+    shutil.rmtree(root / TCAF / "video/stage_1_val_unseen")
+    return "stage_1_val_unseen", "missing split folder"
+
+
+def _missing_class_file(root):
+    f = _first(root, f"{TCAF}/video/stage_2_test_seen")
+    f.unlink()
+    return f.stem, "has a audio file but no video file"
+
+
+def _truncated_pickle(root):
+    f = _first(root, f"{TCAF}/audio/stage_1_train")
+    f.write_bytes(f.read_bytes()[:100])
+    return f.name, "truncated or corrupt pickle"
+
+
+def _wrong_dims(root):
+    f = _first(root, f"{TCAF}/video/stage_1_train")
+    _rewrite(f, lambda o: o.__setitem__("features", [x[:, :512] for x in o["features"]]))
+    return f.name, "expected [T, 4096]"
+
+
+def _wrong_dtype(root):
+    f = _first(root, f"{TCAF}/audio/stage_1_train")
+    _rewrite(f, lambda o: o.__setitem__("features", [x.astype(np.int64) for x in o["features"]]))
+    return f.name, "dtype int64, expected uint8"
+
+
+def _different_ids(root):
+    f = _first(root, f"{TCAF}/video/stage_1_val_seen")
+
+    def edit(o):
+        o["video_names"][0] = b"someone_else"
+
+    _rewrite(f, edit)
+    return f.name, "audio and video list different videos"
+
+
+def _nan(root):
+    f = _first(root, f"{TCAF}/video/stage_2_test_unseen")
+
+    def edit(o):
+        o["features"][0][0, 3] = np.nan
+
+    _rewrite(f, edit)
+    return f.name, "NaN or Inf"
+
+
+def _empty_class(root):
+    for m in ("audio", "video"):
+        f = _first(root, f"{TCAF}/{m}/stage_1_train")
+        _rewrite(f, lambda o: [o.__setitem__(k, []) for k in ("features", "video_names", "fps")])
+    return f.name, "empty class"
+
+
+def _class_without_embedding(root):
+    path = root / TCAF / "text/word_embeddings_ucf_normed.npy"
+    table = load_npy_dict(path)
+    table.pop("class 007")
+    save_npy_dict(path, table)
+    return "class 007", "has no text embedding"
+
+
+def _unknown_class_file(root):
+    for m in ("audio", "video"):
+        f = _first(root, f"{TCAF}/{m}/stage_1_train")
+        f.rename(f.with_name("NotAClass.pkl"))
+    return "NotAClass", "is not in all_class.txt"
+
+
+def _corrupt_npy(root):
+    (root / TCAF / "text/word_embeddings_ucf_normed.npy").write_bytes(b"\x93NUMPY garbage")
+    return "word_embeddings_ucf_normed.npy", "not a valid .npy"
+
+
+CASES = [
+    _missing_folder,
+    _missing_class_file,
+    _truncated_pickle,
+    _wrong_dims,
+    _wrong_dtype,
+    _different_ids,
+    _nan,
+    _empty_class,
+    _class_without_embedding,
+    _unknown_class_file,
+    _corrupt_npy,
+]
+
+
+@pytest.mark.parametrize("breakage", CASES, ids=lambda f: f.__name__.strip("_"))
+def test_bad_input_library_and_cli(breakage, synth_root, tmp_path, cache_dir):
+    root = _copy(synth_root, tmp_path)
+    needle, message = breakage(root)
+    before = _digest(root)
+    with pytest.raises(DataError) as err:
+        load_benchmark("tcaf-cls", root, "UCF", cache_dir=cache_dir)
+    text = str(err.value)
+    assert message in text and needle in text
+    assert "fix:" in text or err.value.path is not None
+    # nothing half-written: no cache folder, no temp folder, dataset untouched
+    assert not cache_dir.exists() or not any(cache_dir.iterdir())
+    assert _digest(root) == before
+    result = runner.invoke(app, ["check-data", "--layout", "tcaf-cls", "--root-dir", str(root), "--dataset", "UCF"])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and needle in result.output
+    assert _digest(root) == before
+
+
+def test_corrupt_h5(synth_root, tmp_path, cache_dir):
+    root = _copy(synth_root, tmp_path, layout="avca-cls")
+    f = _first(root, "features/cls_features/audio/stage_1_train")
+    f.write_bytes(f.read_bytes()[:200])
+    with pytest.raises(DataError, match="corrupt HDF5"):
+        load_benchmark("avca-cls", root, "UCF", cache_dir=cache_dir)
+    shutil.copy(synth_root("avca-cls") / f.relative_to(root), f)  # restore, break another file
+    g = _first(root, "features/cls_features/video/stage_1_val_seen")
+    with h5py.File(g, "a") as fh:
+        del fh["video_urls"]
+    with pytest.raises(DataError, match="missing dataset 'video_urls'"):
+        check_root("avca-cls", root, "UCF")
+
+
+def test_shot_count_larger_than_available(synth_root):
+    root = synth_root("tcaf-cls")  # 2-5 videos per novel class at this scale
+    with pytest.raises(DataError, match="20 shots need at least 21") as err:
+        check_root("tcaf-cls", root, "UCF", shots=20)
+    assert "--shots" in str(err.value)
+    result = runner.invoke(
+        app, ["check-data", "--layout", "tcaf-cls", "--root-dir", str(root), "--dataset", "UCF", "--shots", "20"]
+    )
+    assert result.exit_code == 2 and "shots need at least" in result.output
+
+
+def test_avdiff_shot_folder_with_wrong_count(synth_root, tmp_path):
+    root = _copy(synth_root, tmp_path, layout="avdiff", shots=1)
+    for m in ("audio", "video"):
+        src = _first(root, f"features/1-shot/{m}/stage_1_val_novel")
+        dst = root / f"features/1-shot/{m}/stage_1_train_novel" / src.name
+        shutil.copy(src, dst)
+    with pytest.raises(DataError, match="expected 1 shots"):
+        check_root("avdiff", root, "UCF", shots=1)
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_crafted_pickle_is_refused_and_never_runs(synth_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = _copy(synth_root, tmp_path)
+    f = _first(root, f"{TCAF}/audio/stage_1_train")
+    f.write_bytes(pickle.dumps({"features": [_Exploit()], "video_names": [b"x"], "fps": [25]}))
+    with pytest.raises(DataError, match="refused to unpickle.*posix.system|refused to unpickle.*os.system"):
+        load_pickle(f)
+    result = runner.invoke(app, ["check-data", "--layout", "tcaf-cls", "--root-dir", str(root), "--dataset", "UCF"])
+    assert result.exit_code == 2 and "refused to unpickle" in result.output
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_crafted_npy_is_refused(tmp_path):
+    arr = np.empty((), dtype=object)
+    arr[()] = {"a": _Exploit()}
+    path = tmp_path / "evil.npy"
+    np.save(path, arr, allow_pickle=True)
+    with pytest.raises(DataError, match="refused to unpickle"):
+        load_npy_dict(path)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_real_embedding_files_load(tmp_path):
+    shared = Path(__file__).resolve().parents[2] / "shared" / "benchmarks"
+    if not shared.exists():
+        pytest.skip("../shared/benchmarks not present")
+    for ds, tag, n in (("UCF", "ucf", 101), ("ActivityNet", "activity", 200), ("VGGSound", "vggsound", 309)):
+        table = load_npy_dict(shared / ds / "text" / f"word_embeddings_{tag}_normed.npy")
+        assert len(table) == n
+        assert all(abs(np.linalg.norm(v) - 1) < 1e-5 for v in table.values())
+
+
+def test_unknown_layout_and_dataset(synth_root):
+    root = synth_root("tcaf-cls")
+    r = runner.invoke(app, ["check-data", "--layout", "nope", "--root-dir", str(root), "--dataset", "UCF"])
+    assert r.exit_code == 2 and "unknown layout 'nope'" in r.output
+    r = runner.invoke(app, ["check-data", "--layout", "tcaf-cls", "--root-dir", str(root), "--dataset", "Kinetics"])
+    assert r.exit_code == 2 and "unknown dataset 'Kinetics'" in r.output
