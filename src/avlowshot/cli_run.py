@@ -1,0 +1,158 @@
+"""The ``run``, ``evaluate`` and ``report`` commands (registered on the main app by ``avlowshot.cli``)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from avlowshot.errors import AvlowshotError
+
+LAYOUT_HELP = "avca-cls | avca-main | tcaf-cls | tcaf-main | clipclap | avdiff"
+DATASET_HELP = "UCF | ActivityNet | VGGSound"
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail(exc: AvlowshotError) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    return typer.Exit(2)
+
+
+def _setup_logging(quiet: bool) -> None:
+    logger = logging.getLogger("avlowshot")
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    if not any(getattr(h, "_avlowshot", False) for h in logger.handlers):
+        from rich.logging import RichHandler
+
+        handler = RichHandler(console=err_console, show_path=False, show_level=False, markup=False)
+        handler._avlowshot = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
+def metrics_table(result: dict[str, Any]) -> Table:
+    task = result.get("task", "gzsl")
+    keys = ("seen", "unseen", "hm", "zsl") if task == "gzsl" else ("base", "novel", "hm", "fsl")
+    heads = {"seen": "seen", "unseen": "unseen", "hm": "HM", "zsl": "ZSL", "base": "base", "novel": "novel",
+             "fsl": "FSL"}  # fmt: skip
+    title = (
+        f"{result['method']} on {result['dataset']} {result['layout']} ({result['split_family']}"
+        f"{', ' + str(result['shots']) + ' shots' if result.get('shots') else ''}, seed {result['seed']}, "
+        f"compat {result['compat']}): best epoch {result['best_epoch'] + 1}, beta {result['beta']:.4g}"
+    )
+    table = Table(title=title)
+    table.add_column("", justify="left")
+    for k in keys:
+        table.add_column(heads[k], justify="right")
+    for i, rep in enumerate(result.get("repeats") or []):
+        table.add_row(f"repeat {i}", *(f"{rep[k]:.2f}" for k in keys))
+    std = result.get("metrics_std") or {}
+    row = []
+    for k in keys:
+        cell = f"{result['metrics'][k]:.2f}"
+        if k in std:
+            cell += f" ± {std[k]:.2f}"
+        row.append(cell)
+    table.add_row("mean" if result.get("repeats") else "test", *row, style="bold")
+    return table
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``run``, ``evaluate`` and ``report`` to ``app``."""
+
+    @app.command("run")
+    def run_cmd(
+        method: str = typer.Option(..., help="Method name, e.g. avca."),
+        layout: str = typer.Option(..., help=LAYOUT_HELP),
+        dataset: str = typer.Option(..., help=DATASET_HELP),
+        root_dir: Path = typer.Option(..., help="The unpacked dataset folder (holds class-split/ and features/)."),
+        log_dir: Path = typer.Option(..., help="Parent folder of the run directory."),
+        config: Path = typer.Option(None, help="YAML config (default: the shipped one for method, dataset, features)."),
+        set_: list[str] = typer.Option([], "--set", help="Override a config key: key=value or model.key=value."),
+        seed: int = typer.Option(None, help="Seed (default: the config's, 42)."),
+        shots: int = typer.Option(None, help="GFSL: shots per novel class (avdiff layout, or derived from GZSL)."),
+        run: str = typer.Option("all", "--run", help="all | stage-1 | stage-2 | eval"),
+        resume: bool = typer.Option(False, help="Continue the run directory from its last finished epoch."),
+        device: str = typer.Option("cpu", help="cpu | cuda"),
+        compat: str = typer.Option("none", help="none | official (reproduce the reference's quirks)."),
+        cache_dir: Path = typer.Option(None, help="Feature cache folder (default: the user cache)."),
+        rebuild_cache: bool = typer.Option(False, help="Rebuild the feature cache."),
+        quiet: bool = typer.Option(False, help="Only warnings and the final table."),
+    ) -> None:
+        """Train stage 1, retrain stage 2, test, and write result.json (or one part with --run)."""
+        from avlowshot.data.layouts import get_layout
+        from avlowshot.train import protocol
+        from avlowshot.train.config import load_config
+
+        _setup_logging(quiet)
+        try:
+            spec_layout = get_layout(layout)
+            cfg = load_config(
+                config,
+                method=method,
+                dataset=dataset,
+                feature_set=spec_layout.feature_set,
+                overrides=set_,
+                seed=seed,
+            )
+            spec = protocol.RunSpec(
+                method=method,
+                layout=layout,
+                dataset=dataset,
+                root_dir=root_dir,
+                log_dir=log_dir,
+                cfg=cfg,
+                shots=shots,
+                compat=compat,
+                device=device,
+                cache_dir=cache_dir,
+                rebuild_cache=rebuild_cache,
+                progress=sys.stderr.isatty() and not quiet,
+            )
+            result = protocol.run(spec, parts=run, resume=resume)
+        except AvlowshotError as exc:
+            raise _fail(exc) from None
+        if result is not None:
+            console.print(metrics_table(result))
+            console.print(f"result: {spec.run_dir / protocol.RESULT_FILE}")
+        else:
+            console.print(f"{run} finished: {spec.run_dir}")
+
+    @app.command("evaluate")
+    def evaluate_cmd(
+        run_dir: Path = typer.Option(..., help="A run directory (holds run.json, config.yaml, stage-1/, stage-2/)."),
+        root_dir: Path = typer.Option(None, help="Dataset root, if it moved since the run."),
+        cache_dir: Path = typer.Option(None, help="Feature cache folder."),
+        device: str = typer.Option("cpu", help="cpu | cuda"),
+        write: bool = typer.Option(True, help="Rewrite result.json."),
+    ) -> None:
+        """Re-evaluate the saved checkpoints of a run (beta on val, test with it) and rewrite result.json."""
+        from avlowshot.train import protocol
+
+        _setup_logging(True)
+        try:
+            result = protocol.evaluate_run(run_dir, root_dir=root_dir, cache_dir=cache_dir, device=device, write=write)
+        except AvlowshotError as exc:
+            raise _fail(exc) from None
+        console.print(metrics_table(result))
+
+    @app.command("report")
+    def report_cmd(
+        log_dir: Path = typer.Option(..., help="Folder searched for result.json files."),
+        format: str = typer.Option("markdown", "--format", help="markdown | csv | latex"),
+    ) -> None:
+        """Print a table of all result records below a folder."""
+        from avlowshot.eval.report import report
+
+        try:
+            text = report(log_dir, format)
+        except AvlowshotError as exc:
+            raise _fail(exc) from None
+        sys.stdout.write(text)

@@ -1,0 +1,177 @@
+"""AVCA (CVPR 2022): audio-visual cross-attention on averaged features, faithful to ``specs/avca.md`` §2.1 / §3.1.
+
+Kept reference behaviour (specs §9, items 2-5), since the published numbers depend on it:
+
+* only the video branch ``theta_v`` is scored at test, against ``theta_w = W_proj(text)``, by Euclidean distance;
+* ``pos_emb1D`` stays at its seeded ``randn`` init (a frozen parameter: counted, saved, never optimised);
+* the double residual after the transformer: tokens become ``2*phi + pos + deltas``;
+* every sub-network call is its own BatchNorm batch, in the reference call order, including the calls whose
+  outputs the loss never reads; they only move BN running statistics, and those are the eval-time statistics.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+
+from avlowshot.data.batching import Batch
+from avlowshot.models.base import InputDims, Method, check_averaged
+from avlowshot.models.layers import EmbeddingNet, PreNormTransformer
+
+# Hard-coded in the reference: token width (= its word-vector dim), attention shape and the joint space.
+MODEL_DIM = 300
+HEADS = 3
+DIM_HEAD = 100
+MLP_DIM = 64
+DIM_OUT = 64
+
+
+class AVCAConfig(BaseModel):
+    """The ``model:`` block of an AVCA config: the reference's ``main.py`` flags, with its argparse defaults."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    embeddings_hidden_size: int = Field(1024, ge=0, description="A_enc/V_enc hidden width; 0 = no hidden layer")
+    decoder_hidden_size: int = Field(64, ge=0, description="A_proj/V_proj hidden width; 0 = no hidden layer")
+    embedding_dropout: float = Field(0.8, ge=0, lt=1, description="r_enc: encoders and transformer")
+    decoder_dropout: float = Field(0.5, ge=0, lt=1, description="r_proj: A_proj, V_proj")
+    additional_dropout: float = Field(0.0, ge=0, lt=1, description="r_dec: W_proj, D, A_rec, V_rec")
+    momentum: float = Field(0.99, ge=0, le=1, description="BN momentum of the output BN of hidden-layer nets only")
+    depth_transformer: int = Field(1, ge=0)
+    additional_triplets_loss: bool = False
+    first_additional_triplet: float = 1.0
+    second_additional_triplet: float = 1.0
+    reg_loss: bool = False
+
+
+def _triplet(anchor: Tensor, positive: Tensor, negative: Tensor) -> Tensor:
+    # nn.TripletMarginLoss() defaults, as in the reference.
+    return F.triplet_margin_loss(anchor, positive, negative, margin=1.0, p=2, eps=1e-6, reduction="mean")
+
+
+class AVCA(Method):
+    name: ClassVar[str] = "avca"
+    score_kind: ClassVar[str] = "distance"
+    needs_negatives: ClassVar[bool] = True
+    config_class: ClassVar[type[BaseModel]] = AVCAConfig
+
+    config: AVCAConfig
+
+    def __init__(self, config: AVCAConfig, dims: InputDims, compat: str = "none"):
+        super().__init__(config, dims, compat)
+        c = config
+
+        def net(in_dim: int, out_dim: int, dropout: float, hidden: int = 0) -> EmbeddingNet:
+            # The reference ignores --momentum for single-layer nets (their only BN keeps the default 0.1).
+            return EmbeddingNet(in_dim, out_dim, dropout, hidden, out_momentum=c.momentum if hidden else 0.1)
+
+        # Construction order = the reference's, so a seeded init draws the same numbers.
+        self.A_enc = net(dims.audio, MODEL_DIM, c.embedding_dropout, c.embeddings_hidden_size)
+        self.V_enc = net(dims.video, MODEL_DIM, c.embedding_dropout, c.embeddings_hidden_size)
+        self.cross_attention = PreNormTransformer(
+            MODEL_DIM, c.depth_transformer, HEADS, DIM_HEAD, MLP_DIM, c.embedding_dropout
+        )
+        self.W_proj = net(dims.text, DIM_OUT, c.additional_dropout)
+        self.D = net(DIM_OUT, dims.text, c.additional_dropout)
+        self.A_proj = net(MODEL_DIM, DIM_OUT, c.decoder_dropout, c.decoder_hidden_size)
+        self.V_proj = net(MODEL_DIM, DIM_OUT, c.decoder_dropout, c.decoder_hidden_size)
+        self.A_rec = net(DIM_OUT, MODEL_DIM, c.additional_dropout)
+        self.V_rec = net(DIM_OUT, MODEL_DIM, c.additional_dropout)
+        # Missing from the reference's optimiser, so it keeps its random init: frozen, but a Parameter so that it is
+        # counted and saved under the reference's key.
+        self.pos_emb1D = nn.Parameter(torch.randn(2, MODEL_DIM), requires_grad=False)
+
+    def _attend(self, phi_a: Tensor, phi_v: Tensor) -> tuple[Tensor, Tensor]:
+        tokens = torch.stack((phi_a + self.pos_emb1D[0], phi_v + self.pos_emb1D[1]), dim=1)  # [B, 2, 300]
+        y = self.cross_attention(tokens)
+        # Second residual on top of the transformer's own (specs §9.4).
+        return phi_a + y[:, 0], phi_v + y[:, 1]
+
+    def losses(
+        self, batch: Batch, text: Tensor, negative: Batch | None = None, negative_text: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        if negative is None or negative_text is None:
+            raise ValueError("AVCA needs a negative batch and its class text embeddings (needs_negatives=True)")
+        check_averaged(batch, "AVCA")
+        check_averaged(negative, "AVCA")
+        c = self.config
+        # Reference call order (specs §2.1); each call is one BN batch and draws its dropout masks in this order.
+        phi_a = self.A_enc(batch.audio)
+        phi_v = self.V_enc(batch.video)
+        phi_a_neg = self.A_enc(negative.audio)
+        phi_v_neg = self.V_enc(negative.video)
+        theta_w = self.W_proj(text)
+        theta_w_neg = self.W_proj(negative_text)
+        rho_w = self.D(theta_w)
+        with torch.no_grad():  # output unused by the loss; the call only moves D's BN statistics and dropout RNG
+            self.D(theta_w_neg)
+        a_att, v_att = self._attend(phi_a, phi_v)
+        a_att_neg, v_att_neg = self._attend(phi_a_neg, phi_v_neg)
+        theta_v = self.V_proj(v_att)
+        theta_v_neg = self.V_proj(v_att_neg)
+        theta_a = self.A_proj(a_att)
+        theta_a_neg = self.A_proj(a_att_neg)
+        phi_v_rec = self.V_rec(theta_v)
+        phi_a_rec = self.A_rec(theta_a)
+        with torch.no_grad():  # the reference's unused "se_em_hat" passes: BN statistics of A_proj/V_proj only
+            self.A_proj(phi_a_rec)
+            self.V_proj(phi_v_rec)
+        rho_a = self.D(theta_a)
+        rho_a_neg = self.D(theta_a_neg)
+        rho_v = self.D(theta_v)
+        rho_v_neg = self.D(theta_v_neg)
+
+        # Terms summed in the reference's order, so the total matches it to the last bit.
+        out = {
+            "l_rec": F.mse_loss(text, rho_v) + F.mse_loss(text, rho_a) + F.mse_loss(text, rho_w),
+            "l_ct": _triplet(rho_w, rho_a, rho_a_neg) + _triplet(rho_w, rho_v, rho_v_neg),
+            "l_w": _triplet(theta_w, theta_a, theta_a_neg)
+            + _triplet(theta_a, theta_w, theta_w_neg)
+            + _triplet(theta_w, theta_v, theta_v_neg)
+            + _triplet(theta_v, theta_w, theta_w_neg),
+        }
+        if c.additional_triplets_loss:
+            out["l_t"] = c.first_additional_triplet * (
+                _triplet(theta_a, theta_w, theta_a_neg) + _triplet(theta_v, theta_w, theta_v_neg)
+            ) + c.second_additional_triplet * (
+                _triplet(theta_w, theta_a, theta_w_neg) + _triplet(theta_w, theta_v, theta_w_neg)
+            )
+        if c.reg_loss:
+            out["l_r"] = (
+                F.mse_loss(phi_v_rec, phi_v)
+                + F.mse_loss(phi_a_rec, phi_a)
+                + F.mse_loss(theta_v, theta_w)
+                + F.mse_loss(theta_a, theta_w)
+            )
+        out["loss"] = sum(out.values())
+        return out
+
+    @torch.no_grad()
+    def after_step(self, batch: Batch, text: Tensor) -> None:
+        """The reference re-runs ``get_embeddings`` in train mode after every optimiser step and discards the
+        result: the pass only updates the BN running statistics of A_enc, V_enc, W_proj, V_proj, A_proj and draws
+        dropout masks. Under ``no_grad`` those effects are identical and no graph is built."""
+        phi_a = self.A_enc(batch.audio)
+        phi_v = self.V_enc(batch.video)
+        self.W_proj(text)
+        a_att, v_att = self._attend(phi_a, phi_v)
+        self.V_proj(v_att)
+        self.A_proj(a_att)
+
+    def encode_samples(self, batch: Batch) -> Tensor:
+        """``theta_v`` [B, 64]: the reference scores the video branch only (specs §9.2)."""
+        check_averaged(batch, "AVCA")
+        _, v_att = self._attend(self.A_enc(batch.audio), self.V_enc(batch.video))
+        return self.V_proj(v_att)
+
+    def encode_classes(self, text: Tensor) -> Tensor:
+        """``theta_w = W_proj(text)`` [C, 64]."""
+        return self.W_proj(text)
+
+    def scores(self, sample_codes: Tensor, class_codes: Tensor) -> Tensor:
+        # Default compute mode (matmul path above 25 rows), as the reference, so that ties break the same way.
+        return torch.cdist(sample_codes, class_codes)

@@ -1,0 +1,103 @@
+"""The interface every method implements; the trainer and the evaluator only ever call these members.
+
+A method holds the architecture and the losses. The loop, the sampler, the optimiser and its schedule, checkpoints
+and metrics live in ``train/`` and ``eval/``.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import ClassVar
+
+from pydantic import BaseModel
+from torch import Tensor, nn
+
+from avlowshot.data.batching import Batch
+
+
+@dataclass(frozen=True)
+class InputDims:
+    """Feature dims of the benchmark a method is built for: audio, video and class-text embedding."""
+
+    audio: int
+    video: int
+    text: int
+
+
+class Method(nn.Module, metaclass=abc.ABCMeta):
+    """Base class of every method.
+
+    ``score_kind`` says how to read :meth:`scores`: ``"distance"`` (lower = better) or ``"probability"``.
+    ``needs_negatives``: the trainer passes, for each positive, a random sample of another class and that class's
+    text embedding to :meth:`losses`. ``compat`` is the run's compatibility mode; methods whose reference quirks
+    are fixed by default read it to switch them back on.
+
+    Train/eval mode is the caller's business, as for any ``nn.Module``: :meth:`losses` and :meth:`after_step` run
+    in train mode, :meth:`encode_samples` / :meth:`encode_classes` in eval mode under ``torch.no_grad``.
+    """
+
+    name: ClassVar[str]
+    score_kind: ClassVar[str]
+    needs_negatives: ClassVar[bool]
+    config_class: ClassVar[type[BaseModel]]  # schema of the ``model:`` block of the method's YAML configs
+
+    def __init__(self, config: BaseModel, dims: InputDims, compat: str = "none"):
+        super().__init__()
+        self.config = config
+        self.dims = dims
+        self.compat = compat
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters the optimiser steps (frozen ones, ``requires_grad=False``, are left out)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    @abc.abstractmethod
+    def losses(
+        self, batch: Batch, text: Tensor, negative: Batch | None = None, negative_text: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """Named scalar loss terms of one training batch; ``"loss"`` is the total to back-propagate.
+
+        ``text`` ``[B, Dt]`` is the class text embedding of each positive's label, ``negative_text`` that of each
+        negative's label.
+        """
+
+    def after_step(self, batch: Batch, text: Tensor) -> None:  # noqa: B027 - optional hook, no-op by default
+        """Hook run after each optimiser step on the same positive batch."""
+
+    @abc.abstractmethod
+    def encode_samples(self, batch: Batch) -> Tensor:
+        """``[B, d]`` sample codes for evaluation."""
+
+    @abc.abstractmethod
+    def encode_classes(self, text: Tensor) -> Tensor:
+        """``[C, d]`` class codes from class text embeddings ``[C, Dt]``."""
+
+    @abc.abstractmethod
+    def scores(self, sample_codes: Tensor, class_codes: Tensor) -> Tensor:
+        """``[N, C]`` scores of every sample against every class, read according to ``score_kind``."""
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameter elements.
+
+    By default every ``nn.Parameter`` counts, frozen ones included: that is how the specs count (AVCA UCF-main
+    1,693,108 includes the never-optimised ``pos_emb1D``, 600). ``trainable_only`` counts what the optimiser steps
+    (:meth:`Method.trainable_parameters` for a method, else ``requires_grad`` parameters).
+    """
+    if not trainable_only:
+        params = list(model.parameters())
+    elif isinstance(model, Method):
+        params = model.trainable_parameters()
+    else:
+        params = [p for p in model.parameters() if p.requires_grad]
+    return sum(p.numel() for p in params)
+
+
+def check_averaged(batch: Batch, method: str) -> None:
+    """Methods on averaged features take ``[B, D]`` tensors; temporal ``[B, L, D]`` batches are a setup error."""
+    if batch.audio.dim() != 2 or batch.video.dim() != 2:
+        raise ValueError(
+            f"{method} takes averaged features ([B, D] per modality), got audio {tuple(batch.audio.shape)} and "
+            f"video {tuple(batch.video.shape)}: use a feature set with averaged features"
+        )

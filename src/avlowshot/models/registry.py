@@ -1,0 +1,54 @@
+"""Method names -> classes, and building a method from the ``model:`` block of a config."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from avlowshot.errors import ConfigError
+from avlowshot.models.avca import AVCA
+from avlowshot.models.base import InputDims, Method
+
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (AVCA,)}
+
+
+def method_class(name: str) -> type[Method]:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ConfigError(f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}") from None
+
+
+def config_model(name: str) -> type[BaseModel]:
+    """The pydantic schema of method ``name``'s model hyper-parameters (unknown keys are errors)."""
+    return method_class(name).config_class
+
+
+def validate_model_config(name: str, model_config: Mapping[str, Any], source: str | None = None) -> BaseModel:
+    """Validate a ``model:`` block; a :class:`ConfigError` names the file (``source``), every bad key and why."""
+    schema = config_model(name)
+    try:
+        return schema.model_validate(dict(model_config))
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            key = "model." + ".".join(str(part) for part in err["loc"])
+            if err["type"] == "extra_forbidden":
+                problems.append(f"{key}: unknown key for method {name!r} (known: {', '.join(schema.model_fields)})")
+            else:
+                problems.append(f"{key}: {err['msg']} (got {err['input']!r})")
+        where = f"{source}: " if source else ""
+        raise ConfigError(where + "invalid model config\n  " + "\n  ".join(problems)) from None
+
+
+def build_method(
+    name: str, model_config: Mapping[str, Any] | BaseModel, dims: InputDims, compat: str = "none"
+) -> Method:
+    """Build method ``name`` for inputs of ``dims`` from its model config (a mapping, or an already validated
+    instance of :func:`config_model`)."""
+    cls = method_class(name)
+    if not isinstance(model_config, cls.config_class):
+        model_config = validate_model_config(name, model_config)
+    return cls(model_config, dims, compat=compat)

@@ -1,0 +1,266 @@
+"""Run configuration: one YAML per method x benchmark, validated on load, overridable from the command line.
+
+A config file holds the top-level keys of :class:`RunConfig` and a ``model:`` section validated by the method's own
+schema (``avlowshot.models.registry.config_model(method)``). Every unknown key and every value of the wrong type is
+an error that names the key and the file (or the ``--set`` option it came from). ``--set key=value`` values are typed
+like YAML scalars (``4`` is an int, ``1e-3`` a float, ``true`` a bool, ``null`` None); ``--set model.key=value``
+reaches into the model section.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from avlowshot.errors import ConfigError
+
+COMPAT_MODES = ("none", "official")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# YAML: PyYAML (YAML 1.1) reads ``1e-3`` as a string; every config writer expects a float.
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+_FLOAT = re.compile(
+    r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.X,
+)
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+
+
+def yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+def yaml_dump(data: Any) -> str:
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class RunConfig(BaseModel):
+    """Everything that decides the numbers of a run, except the data (layout, dataset, shots) and the seed's role."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+
+    method: str = Field(description="registered method name, e.g. avca")
+    dataset: str | None = Field(None, description="benchmark the config was made for (checked against the run)")
+    feature_set: str | None = Field(None, description="cls | main | clipclap (checked against the layout)")
+    seed: int = Field(42, description="seed of model init, dropout and sampling (--seed overrides)")
+    epochs: int = Field(50, ge=1, description="stage-1 epochs")
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(256, ge=1)
+    n_batches: int = Field(500, ge=1, description="batches per epoch (class-balanced, with replacement)")
+    weight_decay: float = Field(1e-5, ge=0, description="Adam L2 weight decay (coupled)")
+    lr_scheduler: bool = Field(True, description="ReduceLROnPlateau('max') on the validation HM")
+    lr_patience: int = Field(3, ge=0)
+    lr_factor: float = Field(0.1, gt=0, lt=1)
+    beta_grid: str = Field("avca", description="calibrated-stacking grid searched on validation (metrics.beta_grid)")
+    beta_from: Literal["best", "last"] = Field(
+        "best", description="stage-1 epoch whose validation beta is used at test (AV-DIFF: last)"
+    )
+    reference_stage2_lr: Literal["val-hm", "replay"] = Field(
+        "val-hm",
+        description="what the reference does with the LR in stage 2, reproduced under --compat official: step the "
+        "scheduler on the stage-1 val HM (AVCA/TCAF/ClipClap) or replay stage-1 drops (AV-DIFF). "
+        "The default mode always replays the stage-1 drops.",
+    )
+    eval_batch_size: int = Field(1024, ge=1)
+    model: dict[str, Any] = Field(default_factory=dict, description="method-specific, validated by its schema")
+
+
+TOP_LEVEL_KEYS = tuple(RunConfig.model_fields)
+
+
+def _fmt_loc(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc)
+
+
+def _raise_validation(exc: ValidationError, source: str, overrides: dict[str, str], prefix: str = "") -> None:
+    lines = []
+    for err in exc.errors():
+        key = prefix + _fmt_loc(err["loc"])
+        where = f"--set {key}={overrides[key]}" if key in overrides else source
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+            if not prefix:
+                msg += f" (known: {', '.join(TOP_LEVEL_KEYS)})"
+        elif "input" in err and err["type"] != "missing":
+            msg += f", got {err['input']!r} ({type(err['input']).__name__})"
+        lines.append(f"{where}: '{key}': {msg}")
+    raise ConfigError("invalid config\n  " + "\n  ".join(lines)) from None
+
+
+def parse_override(item: str) -> tuple[str, Any, str]:
+    """``key=value`` -> (key, typed value, raw value)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item}: expected key=value (e.g. --set epochs=4)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"--set {item}: empty key")
+    try:
+        value = yaml_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {item}: value is not a YAML scalar ({exc})") from None
+    return key, value, raw
+
+
+def apply_overrides(raw: dict, items: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """Apply ``--set`` items to the raw mapping in place; returns {key: raw value} for error messages."""
+    seen: dict[str, str] = {}
+    for item in items:
+        key, value, text = parse_override(item)
+        parts = key.split(".")
+        if parts[0] not in TOP_LEVEL_KEYS:
+            raise ConfigError(f"--set {item}: unknown key '{parts[0]}' (known: {', '.join(TOP_LEVEL_KEYS)})")
+        if len(parts) > 1 and parts[0] != "model":
+            raise ConfigError(f"--set {item}: '{parts[0]}' has no sub-keys (only model.<key>=... has)")
+        node = raw
+        for p in parts[:-1]:
+            child = node.get(p)
+            if child is None:
+                child = node[p] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"--set {item}: '{p}' is not a mapping")
+            node = child
+        node[parts[-1]] = value
+        seen[key] = text
+    return seen
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc})") from None
+    try:
+        data = yaml_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config is a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def validate_config(
+    raw: dict,
+    *,
+    source: str,
+    overrides: dict[str, str] | None = None,
+    method: str | None = None,
+) -> RunConfig:
+    """Validate a raw mapping (top level here, ``model`` by the method's schema). ``method`` fills or checks the
+    ``method`` key."""
+    overrides = overrides or {}
+    raw = copy.deepcopy(raw)
+    if method is not None:
+        if raw.get("method") not in (None, method):
+            raise ConfigError(f"{source}: 'method': the config is for '{raw['method']}', the run asks for '{method}'")
+        raw["method"] = method
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        _raise_validation(exc, source, overrides)
+    from avlowshot.models import registry  # the model schema is the method's business
+
+    try:
+        schema = registry.config_model(cfg.method)
+    except KeyError:
+        raise ConfigError(f"{source}: 'method': unknown method '{cfg.method}'") from None
+    except ConfigError:
+        raise
+    except Exception as exc:  # a registry that reports unknown names its own way
+        raise ConfigError(f"{source}: 'method': {exc}") from None
+    try:
+        model = schema.model_validate(cfg.model)
+    except ValidationError as exc:
+        _raise_validation(exc, source, overrides, prefix="model.")
+    cfg.model = model.model_dump(mode="json")
+    return cfg
+
+
+def shipped_config(method: str, dataset: str, feature_set: str) -> Path:
+    """The shipped config of method x dataset x feature set: ``avlowshot/configs/<method>/<ds>-<fs>.yaml``."""
+    base = resources.files("avlowshot").joinpath("configs", method)
+    name = f"{dataset.lower()}-{feature_set}.yaml"
+    path = base.joinpath(name)
+    if not path.is_file():
+        have = sorted(p.name for p in base.iterdir()) if base.is_dir() else []
+        hint = f" (shipped for {method}: {', '.join(have)})" if have else f" (no config is shipped for '{method}')"
+        raise ConfigError(f"no shipped config {method}/{name}{hint}; pass --config FILE")
+    return Path(str(path))
+
+
+def load_config(
+    path: str | Path | None,
+    *,
+    method: str | None = None,
+    dataset: str | None = None,
+    feature_set: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    seed: int | None = None,
+) -> RunConfig:
+    """Load a YAML config (default: the shipped one for method x dataset x feature set), apply ``--set`` overrides
+    and ``--seed``, validate, and check that it was made for this dataset and feature set."""
+    if path is None:
+        if method is None or dataset is None or feature_set is None:
+            raise ConfigError("no --config given and no method/dataset/feature set to find the shipped one")
+        path = shipped_config(method, dataset, feature_set)
+    path = Path(path)
+    raw = read_yaml(path)
+    applied = apply_overrides(raw, list(overrides))
+    if seed is not None:
+        raw["seed"] = seed
+    cfg = validate_config(raw, source=str(path), overrides=applied, method=method)
+    for key, want in (("dataset", dataset), ("feature_set", feature_set)):
+        have = getattr(cfg, key)
+        if want is not None and have is not None and have != want:
+            where = f"--set {key}={applied[key]}" if key in applied else str(path)
+            raise ConfigError(
+                f"{where}: '{key}': the config is for {have}, the run is on {want} "
+                f"(use the config made for {want}, or --set {key}={want} if you mean it)"
+            )
+    return cfg
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml_dump(cfg.model_dump(mode="json"))
+
+
+def config_diff(a: RunConfig, b: RunConfig) -> list[str]:
+    """Keys (dotted) whose values differ."""
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    fa, fb = flat(a.model_dump(mode="json")), flat(b.model_dump(mode="json"))
+    return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))

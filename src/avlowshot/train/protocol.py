@@ -1,0 +1,577 @@
+"""The two-stage protocol, one run directory per (method, dataset, layout, shots, seed, compat), and the result
+record.
+
+Run directory ``<log-dir>/<method>_<dataset>_<layout>[_<k>shot]_seed<N>[_official]/``::
+
+    run.json          what was run: method, layout, dataset, root dir, shots, seed, compat, version
+    config.yaml       the resolved config (loadable with --config)
+    stage-1/          checkpoints/epoch-NNN/ (latest + best), history.json, summary.json, TensorBoard events
+    stage-2/          the same (GZSL); GFSL: stage-2/repeat-0/, repeat-1/, repeat-2/
+    result.json       the result record (written by the eval part)
+
+Stage 1 trains on stage-1 train (GFSL: base + the stage-1 novel shots), validates on stage-1 val after every epoch
+and keeps the best epoch (strictly higher HM) and its beta. Stage 2 builds a fresh model with the same seed and
+trains on stage-2 train (GFSL: + the novel shots of the repeat) for best + 1 epochs. By default the learning-rate
+drops recorded in stage 1 are replayed at the same epochs; ``--compat official`` does what the reference does
+(``reference_stage2_lr``). The eval part re-scores the stage-1 model on val to get beta (the same numbers as during
+training) and tests every stage-2 model with it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from avlowshot import __version__
+from avlowshot.errors import AvlowshotError, ConfigError
+from avlowshot.eval import metrics
+from avlowshot.train import checkpoint as ckpt
+from avlowshot.train.config import COMPAT_MODES, RunConfig, config_diff, dump_config, read_yaml, validate_config
+from avlowshot.train.trainer import (
+    EpochCallback,
+    StageOutcome,
+    Trainer,
+    evaluate_split,
+    metric_record,
+    resolve_device,
+    seed_everything,
+)
+
+log = logging.getLogger("avlowshot.train")
+
+PARTS = ("all", "stage-1", "stage-2", "eval")
+RUN_FILE = "run.json"
+CONFIG_FILE = "config.yaml"
+RESULT_FILE = "result.json"
+GZSL_KEYS = ("seen", "unseen", "hm", "zsl")
+GFSL_KEYS = ("base", "novel", "hm", "fsl")
+
+
+def run_name(method: str, dataset: str, layout: str, shots: int | None, seed: int, compat: str = "none") -> str:
+    name = f"{method}_{dataset}_{layout}"
+    if shots:
+        name += f"_{shots}shot"
+    name += f"_seed{seed}"
+    if compat != "none":
+        name += f"_{compat}"
+    return name
+
+
+@dataclass
+class RunSpec:
+    """Everything a run needs; ``cfg`` is the resolved config (its ``seed`` is the run's seed)."""
+
+    method: str
+    layout: str
+    dataset: str
+    root_dir: Path
+    log_dir: Path
+    cfg: RunConfig
+    shots: int | None = None
+    compat: str = "none"
+    device: str = "cpu"
+    cache_dir: Path | None = None
+    rebuild_cache: bool = False
+    progress: bool = False
+
+    @property
+    def seed(self) -> int:
+        return self.cfg.seed
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.log_dir) / run_name(self.method, self.dataset, self.layout, self.shots, self.seed, self.compat)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Context: the data and everything derived from it, loaded once per command
+
+
+class RunContext:
+    def __init__(self, info: dict[str, Any], cfg: RunConfig, device: str, progress: bool = False, **load_kw):
+        from avlowshot.data.benchmark import load_benchmark
+
+        self.info = info
+        self.cfg = cfg
+        self.device = resolve_device(device)
+        self.progress = progress
+        self.compat = info["compat"]
+        t0 = time.perf_counter()
+        self.bench = load_benchmark(
+            info["layout"],
+            info["root_dir"],
+            info["dataset"],
+            shots=info["shots"],
+            cache_dir=load_kw.get("cache_dir"),
+            rebuild_cache=load_kw.get("rebuild_cache", False),
+        )
+        self.store = self.bench.store
+        self.protocol = self.bench.protocol(info["shots"])
+        self.task = self.protocol.task
+        order = "official" if self.compat == "official" else "by-name"
+        self.text = self.store.classes.embeddings(order).to(self.device)
+        self.load_seconds = time.perf_counter() - t0
+        log.info(
+            "loaded %s %s (%d videos, %d classes) in %.1fs",
+            info["dataset"],
+            info["layout"],
+            len(self.store),
+            len(self.store.classes),
+            self.load_seconds,
+        )
+
+    def build(self):
+        """A fresh method, its init seeded by the run's seed (every stage and repeat starts from the same init)."""
+        from avlowshot.models import registry
+        from avlowshot.models.base import InputDims
+
+        seed_everything(self.cfg.seed)
+        dims = InputDims(self.store.audio.dim, self.store.video.dim, int(self.text.shape[1]))
+        method = registry.build_method(self.cfg.method, dict(self.cfg.model), dims, self.compat)
+        return method.to(self.device)
+
+    def trainer(self, method, out_dir: Path, name: str, stage: int, repeat: int = 0) -> Trainer:
+        return Trainer(
+            method,
+            self.store,
+            self.text,
+            self.cfg,
+            self.device,
+            out_dir,
+            name=name,
+            seed=self.cfg.seed,
+            stage=stage,
+            repeat=repeat,
+            compat=self.compat,
+            progress=self.progress,
+            meta={"method": self.cfg.method, "version": __version__},
+        )
+
+    def stage1_train_indices(self) -> np.ndarray:
+        p = self.protocol
+        idx = p.stage1_train.indices
+        if p.stage1_novel is not None:
+            idx = np.union1d(idx, p.stage1_novel.indices)
+        return idx
+
+    def stage2_train_indices(self, repeat: int) -> np.ndarray:
+        p = self.protocol
+        idx = p.stage2_train.indices
+        if p.stage2_novel:
+            idx = np.union1d(idx, p.stage2_novel[repeat].indices)
+        return idx
+
+    @property
+    def n_repeats(self) -> int:
+        return len(self.protocol.stage2_test)
+
+    def stage2_dirs(self, run_dir: Path) -> list[Path]:
+        if self.task == "gfsl":
+            return [run_dir / "stage-2" / f"repeat-{r}" for r in range(self.n_repeats)]
+        return [run_dir / "stage-2"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Run directory bookkeeping
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise AvlowshotError(f"{path}: not found") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise AvlowshotError(f"{path}: unreadable ({exc})") from None
+
+
+def read_summary(stage_dir: Path) -> StageOutcome | None:
+    f = stage_dir / "summary.json"
+    if not f.is_file():
+        return None
+    s = StageOutcome.from_json(_read_json(f))
+    return s if s.finished else None
+
+
+def _stage_started(stage_dir: Path) -> bool:
+    return (stage_dir / "summary.json").is_file() or bool(ckpt.list_checkpoints(stage_dir / "checkpoints"))
+
+
+def load_run_info(run_dir: str | Path) -> tuple[dict[str, Any], RunConfig]:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise AvlowshotError(f"{run_dir}: run directory not found")
+    info_file, cfg_file = run_dir / RUN_FILE, run_dir / CONFIG_FILE
+    if not info_file.is_file() or not cfg_file.is_file():
+        raise AvlowshotError(
+            f"{run_dir}: not a run directory (it needs {RUN_FILE} and {CONFIG_FILE}; "
+            f"pass the folder <log-dir>/<method>_<dataset>_<layout>..._seed<N>)"
+        )
+    info = _read_json(info_file)
+    cfg = validate_config(read_yaml(cfg_file), source=str(cfg_file))
+    return info, cfg
+
+
+def _prepare_run_dir(spec: RunSpec, parts: str, resume: bool) -> dict[str, Any]:
+    run_dir = spec.run_dir
+    info = {
+        "method": spec.method,
+        "layout": spec.layout,
+        "dataset": spec.dataset,
+        "root_dir": str(Path(spec.root_dir).resolve()),
+        "cache_dir": str(Path(spec.cache_dir).resolve()) if spec.cache_dir else None,
+        "shots": spec.shots,
+        "seed": spec.seed,
+        "compat": spec.compat,
+        "version": __version__,
+    }
+    have_info = (run_dir / RUN_FILE).is_file()
+    if have_info:
+        old = _read_json(run_dir / RUN_FILE)
+        for key in ("method", "layout", "dataset", "shots", "seed", "compat"):
+            if old.get(key) != info[key]:
+                raise ConfigError(f"{run_dir / RUN_FILE}: '{key}' is {old.get(key)!r}, this run has {info[key]!r}")
+        old_cfg = validate_config(read_yaml(run_dir / CONFIG_FILE), source=str(run_dir / CONFIG_FILE))
+        diff = config_diff(old_cfg, spec.cfg)
+        if diff:
+            raise ConfigError(
+                f"{run_dir / CONFIG_FILE}: this run directory was made with another config "
+                f"(differs in: {', '.join(diff)}); use the same config and --set values, or another --log-dir"
+            )
+        if old.get("root_dir") != info["root_dir"]:
+            log.warning("dataset root changed: %s -> %s", old.get("root_dir"), info["root_dir"])
+    if not resume and parts != "eval":
+        stages = {"all": ["stage-1", "stage-2"], "stage-1": ["stage-1"], "stage-2": ["stage-2"]}[parts]
+        busy = [s for s in stages if (run_dir / s).exists() and any((run_dir / s).iterdir())]
+        if (run_dir / RESULT_FILE).is_file() and parts == "all":
+            busy.append(RESULT_FILE)
+        if busy:
+            raise AvlowshotError(
+                f"{run_dir}: the run directory already holds {', '.join(busy)}; pass --resume to continue it, "
+                f"--run eval to re-evaluate it, or choose another --log-dir"
+            )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not have_info:
+        ckpt.atomic_write_text(run_dir / CONFIG_FILE, dump_config(spec.cfg))
+        ckpt.atomic_write_json(run_dir / RUN_FILE, {**info, "created": _now()})
+    return info
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stages
+
+
+def run_stage1(ctx: RunContext, run_dir: Path, *, resume: bool, on_epoch_end: EpochCallback | None) -> StageOutcome:
+    out = run_dir / "stage-1"
+    done = read_summary(out)
+    if done is not None and resume:
+        log.info("stage-1: finished before (best epoch %d), skipped", done.best_epoch + 1)
+        return done
+    method = ctx.build()
+    trainer = ctx.trainer(method, out, "stage-1", stage=1)
+    return trainer.fit(
+        ctx.stage1_train_indices(),
+        ctx.cfg.epochs,
+        val=ctx.protocol.stage1_val,
+        select_best=True,
+        schedule="val",
+        resume=resume,
+        on_epoch_end=on_epoch_end,
+    )
+
+
+def stage2_schedule(cfg: RunConfig, compat: str) -> str:
+    """``"replay"`` (default: the stage-1 LR drops at the same epochs) or ``"val"`` (official AVCA / TCAF /
+    ClipClap: ReduceLROnPlateau on the stage-1 val HM, although those samples are stage-2 training data)."""
+    if compat == "official" and cfg.reference_stage2_lr == "val-hm":
+        return "val"
+    return "replay"
+
+
+def run_stage2(
+    ctx: RunContext, run_dir: Path, *, resume: bool, on_epoch_end: EpochCallback | None
+) -> list[StageOutcome]:
+    s1 = read_summary(run_dir / "stage-1")
+    if s1 is None:
+        raise AvlowshotError(f"{run_dir / 'stage-1'}: stage 1 has not finished; run --run stage-1 (or all) first")
+    epochs = s1.best_epoch + 1
+    schedule = stage2_schedule(ctx.cfg, ctx.compat)
+    outcomes = []
+    for r, out in enumerate(ctx.stage2_dirs(run_dir)):
+        name = "stage-2" if ctx.task == "gzsl" else f"stage-2/repeat-{r}"
+        done = read_summary(out)
+        if done is not None and resume:
+            log.info("%s: finished before, skipped", name)
+            outcomes.append(done)
+            continue
+        method = ctx.build()
+        trainer = ctx.trainer(method, out, name, stage=2, repeat=r)
+        outcomes.append(
+            trainer.fit(
+                ctx.stage2_train_indices(r),
+                epochs,
+                val=ctx.protocol.stage1_val if schedule == "val" else None,
+                select_best=False,
+                schedule=schedule,
+                replay_drops=s1.lr_drops,
+                resume=resume,
+                on_epoch_end=on_epoch_end,
+            )
+        )
+    return outcomes
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation and the result record
+
+
+def _load_model(ctx: RunContext, stage_dir: Path, rel: str):
+    c = ckpt.load_checkpoint(stage_dir / rel)
+    method = ctx.build()
+    method.load_state_dict({k: v.to(ctx.device) for k, v in c.model_state().items()})
+    method.eval()
+    return method
+
+
+def test_beta(beta: float, ctx: RunContext) -> float:
+    """The beta applied at test: the stage-1 beta itself, or under ``--compat official`` the reference's conversion
+    of it (``metrics.transfer_beta``, e.g. AVCA's 0 -> 1e-10)."""
+    if ctx.compat != "official":
+        return beta
+    return metrics.transfer_beta(beta, ctx.bench.spec.family)
+
+
+def _percent(result, task: str) -> dict[str, float]:
+    return {k: float(v) for k, v in result.as_percent(task).items()}
+
+
+def _per_class(recalls: dict[int, float], names: list[str]) -> dict[str, float | None]:
+    """Global class id -> recall as class name -> percent (None for a class without test samples)."""
+    return {names[c]: (None if v != v else round(100.0 * v, 4)) for c, v in recalls.items()}
+
+
+def evaluate_stages(ctx: RunContext, run_dir: Path) -> dict[str, Any]:
+    """Beta from the stage-1 model on val, then every stage-2 model on its test split. Returns the result fields
+    that depend on the weights (metrics, beta, per-class accuracies)."""
+    t0 = time.perf_counter()
+    s1 = read_summary(run_dir / "stage-1")
+    if s1 is None:
+        raise AvlowshotError(f"{run_dir / 'stage-1'}: stage 1 has not finished")
+    s2 = [read_summary(d) for d in ctx.stage2_dirs(run_dir)]
+    if any(s is None for s in s2):
+        raise AvlowshotError(f"{run_dir / 'stage-2'}: stage 2 has not finished; run --run stage-2 first")
+    cfg = ctx.cfg
+    names = ctx.store.classes.names
+    rel = s1.checkpoint_best if cfg.beta_from == "best" else s1.checkpoint_last
+    model_a = _load_model(ctx, run_dir / "stage-1", rel)
+    val = ctx.protocol.stage1_val
+    res_val = evaluate_split(
+        model_a, ctx.store, val, ctx.text, ctx.device, cfg.eval_batch_size, betas=metrics.beta_grid(cfg.beta_grid)
+    )
+    beta = float(res_val.beta)
+    recorded = s1.beta_best if cfg.beta_from == "best" else s1.beta_last
+    if recorded is not None and abs(recorded - beta) > 1e-9:
+        log.warning("stage-1 beta re-computed on val is %g; %g was recorded during training", beta, recorded)
+    del model_a
+    beta_test = test_beta(beta, ctx)
+    tests, per_class, per_class_zsl = [], [], []
+    for r, (out, summ) in enumerate(zip(ctx.stage2_dirs(run_dir), s2, strict=True)):
+        model_b = _load_model(ctx, out, summ.checkpoint_last)
+        split = ctx.protocol.stage2_test[r]
+        res = evaluate_split(model_b, ctx.store, split, ctx.text, ctx.device, cfg.eval_batch_size, beta=beta_test)
+        tests.append(res)
+        per_class.append(_per_class(res.per_class, names))
+        per_class_zsl.append(_per_class(res.per_class_zsl, names))
+        del model_b
+    record: dict[str, Any] = {
+        "beta": beta,
+        "beta_test": None if beta_test is None else float(beta_test),
+        "val": {k: (100.0 * v if k != "beta" else v) for k, v in metric_record(res_val).items()},
+    }
+    if ctx.task == "gzsl":
+        record["metrics"] = _percent(tests[0], "gzsl")
+        record["per_class"] = per_class[0]
+        record["per_class_zsl"] = per_class_zsl[0]
+    else:
+        summary = metrics.gfsl_summary(tests)
+        record["metrics"] = {k: summary[k] for k in GFSL_KEYS}
+        record["metrics_std"] = {k: summary[f"{k}_std"] for k in GFSL_KEYS if f"{k}_std" in summary}
+        record["repeats"] = summary["repeats"]
+        record["per_class"] = per_class
+        record["per_class_zsl"] = per_class_zsl
+    record["eval_seconds"] = time.perf_counter() - t0
+    return record
+
+
+def _timings(s1: StageOutcome, s2: list[StageOutcome], eval_seconds: float, task: str) -> dict[str, Any]:
+    def stage(s: StageOutcome) -> dict[str, Any]:
+        return {
+            "seconds": s.seconds,
+            "epochs": s.epochs,
+            "per_epoch": [r["time_train"] + r.get("time_val", 0.0) for r in s.history],
+            "per_epoch_train": [r["time_train"] for r in s.history],
+            "per_epoch_val": [r.get("time_val", 0.0) for r in s.history],
+        }
+
+    out = {"stage-1": stage(s1)}
+    if task == "gzsl":
+        out["stage-2"] = stage(s2[0])
+    else:
+        out["stage-2"] = {
+            "seconds": sum(s.seconds for s in s2),
+            "repeats": [stage(s) for s in s2],
+        }
+    out["eval"] = eval_seconds
+    return out
+
+
+def split_family(ctx: RunContext) -> str:
+    """``cls_split`` / ``main_split`` (GZSL), ``<k>-shot`` (avdiff layout), ``<family>/<k>-shot`` (GFSL derived from a
+    GZSL split)."""
+    fam = ctx.bench.split_family
+    if ctx.task == "gfsl" and ctx.bench.spec.task != "gfsl":
+        return f"{fam}/{ctx.info['shots']}-shot"
+    return fam
+
+
+def build_result(ctx: RunContext, run_dir: Path, evaluated: dict[str, Any]) -> dict[str, Any]:
+    from avlowshot.models.base import count_parameters
+
+    info, cfg = ctx.info, ctx.cfg
+    s1 = read_summary(run_dir / "stage-1")
+    s2 = [read_summary(d) for d in ctx.stage2_dirs(run_dir)]
+    method = ctx.build()
+    n_trainable = int(count_parameters(method, trainable_only=True))
+    n_total = int(count_parameters(method))
+    del method
+    result: dict[str, Any] = {
+        "method": cfg.method,
+        "dataset": info["dataset"],
+        "layout": info["layout"],
+        "feature_set": ctx.bench.feature_set,
+        "split_family": split_family(ctx),
+        "task": ctx.task,
+        "shots": info["shots"],
+        "seed": cfg.seed,
+        "compat": info["compat"],
+        "version": __version__,
+        "config": cfg.model_dump(mode="json"),
+        "n_params": n_trainable,
+        "n_params_total": n_total,
+        "best_epoch": s1.best_epoch,
+        "stage2_epochs": s1.best_epoch + 1,
+        "best_val_hm": None if s1.best_hm is None else 100.0 * s1.best_hm,
+        "beta": evaluated["beta"],
+        "beta_test": evaluated["beta_test"],
+        "lr_drops": s1.lr_drops,
+        "metrics": evaluated["metrics"],
+    }
+    for key in ("metrics_std", "repeats"):
+        if key in evaluated:
+            result[key] = evaluated[key]
+    result["val"] = evaluated["val"]
+    result["per_class"] = evaluated["per_class"]
+    result["per_class_zsl"] = evaluated["per_class_zsl"]
+    result["timings"] = _timings(s1, s2, evaluated["eval_seconds"], ctx.task)
+    result["timings"]["load_data"] = ctx.load_seconds
+    result["device"] = str(ctx.device)
+    result["host"] = platform.node()
+    result["torch"] = torch.__version__
+    result["root_dir"] = info["root_dir"]
+    result["run_dir"] = str(run_dir)
+    result["created"] = _now()
+    return result
+
+
+def write_result(run_dir: Path, result: dict[str, Any]) -> Path:
+    path = run_dir / RESULT_FILE
+    ckpt.atomic_write_json(path, result)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Entry points
+
+
+def run(
+    spec: RunSpec,
+    *,
+    parts: str = "all",
+    resume: bool = False,
+    on_epoch_end: EpochCallback | None = None,
+    on_stage: Callable[[str], None] | None = None,
+) -> dict[str, Any] | None:
+    """Run the protocol (or a part of it) and return the result record (None unless the eval part ran)."""
+    if parts not in PARTS:
+        raise ConfigError(f"--run {parts}: expected one of {', '.join(PARTS)}")
+    if spec.compat not in COMPAT_MODES:
+        raise ConfigError(f"--compat {spec.compat}: expected one of {', '.join(COMPAT_MODES)}")
+    if spec.cfg.method != spec.method:
+        raise ConfigError(f"config is for method '{spec.cfg.method}', the run asks for '{spec.method}'")
+    resolve_device(spec.device)  # fail before touching the disk
+    info = _prepare_run_dir(spec, parts, resume)
+    ctx = RunContext(
+        info, spec.cfg, spec.device, spec.progress, cache_dir=spec.cache_dir, rebuild_cache=spec.rebuild_cache
+    )
+    run_dir = spec.run_dir
+    log.info("run directory %s", run_dir)
+    if parts in ("all", "stage-1"):
+        if on_stage:
+            on_stage("stage-1")
+        run_stage1(ctx, run_dir, resume=resume, on_epoch_end=on_epoch_end)
+    if parts in ("all", "stage-2"):
+        if on_stage:
+            on_stage("stage-2")
+        run_stage2(ctx, run_dir, resume=resume, on_epoch_end=on_epoch_end)
+    if parts in ("all", "eval"):
+        if on_stage:
+            on_stage("eval")
+        result = build_result(ctx, run_dir, evaluate_stages(ctx, run_dir))
+        write_result(run_dir, result)
+        return result
+    return None
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    *,
+    root_dir: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    device: str = "cpu",
+    write: bool = True,
+) -> dict[str, Any]:
+    """Rebuild the model from the run directory's config, re-run the beta search on val and the test, rewrite
+    ``result.json`` (timings of training are kept) and return it."""
+    run_dir = Path(run_dir)
+    info, cfg = load_run_info(run_dir)
+    if root_dir is not None:
+        info = {**info, "root_dir": str(Path(root_dir).resolve())}
+    elif not Path(info["root_dir"]).is_dir():
+        raise AvlowshotError(f"{run_dir / RUN_FILE}: dataset root {info['root_dir']} not found; pass --root-dir")
+    ctx = RunContext(info, cfg, device, cache_dir=cache_dir if cache_dir is not None else info.get("cache_dir"))
+    result = build_result(ctx, run_dir, evaluate_stages(ctx, run_dir))
+    if write:
+        write_result(run_dir, result)
+    return result
+
+
+def find_results(log_dir: str | Path) -> list[Path]:
+    """Every ``result.json`` below a folder, sorted."""
+    log_dir = Path(log_dir)
+    if not log_dir.is_dir():
+        raise AvlowshotError(f"{log_dir}: folder not found")
+    return sorted(Path(root) / RESULT_FILE for root, _, files in os.walk(log_dir) if RESULT_FILE in files)

@@ -1,0 +1,472 @@
+"""The generic epoch loop, shared by every method and both stages.
+
+An epoch is ``n_batches`` class-balanced batches drawn with replacement (as the references do). The indices of the
+whole epoch (and the negatives, for methods that need them) come at once from a ``torch.Generator`` seeded from
+(seed, stage, repeat, epoch), so a resumed run draws exactly what an uninterrupted one draws. Model init and dropout
+use the global torch RNG, seeded before the model is built and saved in every checkpoint.
+
+After each epoch: optional validation on a split (all samples, eval mode, batched), best-epoch tracking by strictly
+higher HM, the LR schedule (ReduceLROnPlateau on the validation HM, or a replay of recorded drops), TensorBoard
+scalars, a checkpoint (kept: the latest and the best), and ``history.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from avlowshot.data.batching import ClassBalancedSampler, gather
+from avlowshot.data.splits import EvalSplit
+from avlowshot.data.store import FeatureStore
+from avlowshot.errors import AvlowshotError
+from avlowshot.eval import metrics
+from avlowshot.train import checkpoint as ckpt
+from avlowshot.train.config import RunConfig
+
+log = logging.getLogger("avlowshot.train")
+
+STAGE_CODES = {"stage-1": 1, "stage-2": 2}
+
+
+def seed_everything(seed: int) -> None:
+    """Seed the global RNGs (model init, dropout): torch CPU + CUDA, numpy, random."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, stage: int, repeat: int, epoch: int) -> int:
+    """Seed of the sampling generator of one epoch (independent streams per seed, stage, repeat, epoch)."""
+    state = np.random.SeedSequence([seed % (2**63), stage, repeat, epoch]).generate_state(1, np.uint64)[0]
+    return int(state) & ((1 << 63) - 1)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cpu":
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise AvlowshotError(
+                f"--device {name}: no CUDA device is available (torch {torch.__version__}, "
+                f"built {'with' if torch.backends.cuda.is_built() else 'without'} CUDA); use --device cpu"
+            )
+        dev = torch.device(name)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise AvlowshotError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+        return dev
+    raise AvlowshotError(f"--device {name}: expected cpu or cuda")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation of one split
+
+
+@torch.no_grad()
+def encode_samples(method, store: FeatureStore, indices: np.ndarray, device: torch.device, batch_size: int):
+    """Sample codes of ``indices`` in order, in eval mode, ``batch_size`` at a time."""
+    was_training = method.training
+    method.eval()
+    try:
+        parts = []
+        for start in range(0, len(indices), batch_size):
+            batch = gather(store, indices[start : start + batch_size]).to(device, non_blocking=True)
+            parts.append(method.encode_samples(batch))
+        if isinstance(parts[0], torch.Tensor):
+            return torch.cat(parts)
+        if isinstance(parts[0], tuple | list):
+            return type(parts[0])(torch.cat(p) for p in zip(*parts, strict=True))
+        if isinstance(parts[0], dict):
+            return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        raise TypeError(f"encode_samples returned {type(parts[0]).__name__}")
+    finally:
+        method.train(was_training)
+
+
+@torch.no_grad()
+def score_split(
+    method, store: FeatureStore, split: EvalSplit, text: torch.Tensor, device: torch.device, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """(scores ``[N, C]`` on CPU with columns = split classes in ascending global id, labels ``[N]``, classes)."""
+    classes = split.classes  # ascending global ids
+    codes = encode_samples(method, store, split.indices, device, batch_size)
+    was_training = method.training
+    method.eval()
+    try:
+        class_codes = method.encode_classes(text[torch.as_tensor(classes, device=text.device)])
+        scores = method.scores(codes, class_codes)
+    finally:
+        method.train(was_training)
+    labels = store.labels[torch.as_tensor(split.indices, dtype=torch.int64)]
+    return scores.float().cpu(), labels, classes
+
+
+def evaluate_split(
+    method,
+    store: FeatureStore,
+    split: EvalSplit,
+    text: torch.Tensor,
+    device: torch.device,
+    batch_size: int,
+    *,
+    betas: torch.Tensor | None = None,
+    beta: float | None = None,
+):
+    """Seen / unseen / HM / ZSL (or base / novel / HM / FSL) of ``method`` on ``split`` (``metrics.evaluate``)."""
+    scores, labels, classes = score_split(method, store, split, text, device, batch_size)
+    return metrics.evaluate(
+        scores,
+        labels,
+        torch.as_tensor(classes, dtype=torch.int64),
+        torch.as_tensor(split.seen, dtype=torch.int64),
+        torch.as_tensor(split.unseen, dtype=torch.int64),
+        len(store.classes),
+        kind=method.score_kind,
+        betas=betas,
+        beta=beta,
+    )
+
+
+def metric_record(result) -> dict[str, float]:
+    """Fractions of an EvalResult as plain floats (the history and the TensorBoard scalars)."""
+    return {k: float(getattr(result, k)) for k in ("seen", "unseen", "hm", "zsl", "beta")}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StageOutcome:
+    """What a finished stage (or repeat) hands to the protocol; also ``summary.json``."""
+
+    name: str
+    epochs: int
+    best_epoch: int | None  # 0-based, by strictly higher val HM (None without selection)
+    best_hm: float | None
+    beta_best: float | None  # val beta at the best epoch
+    beta_last: float | None  # val beta at the last epoch
+    lr_drops: list[int]  # 0-based epochs after which the LR was reduced
+    history: list[dict[str, Any]]
+    seconds: float
+    checkpoint_last: str  # relative to the stage dir
+    checkpoint_best: str | None
+    finished: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "finished": self.finished,
+            "epochs": self.epochs,
+            "best_epoch": self.best_epoch,
+            "best_hm": self.best_hm,
+            "beta_best": self.beta_best,
+            "beta_last": self.beta_last,
+            "lr_drops": self.lr_drops,
+            "seconds": self.seconds,
+            "checkpoint_last": self.checkpoint_last,
+            "checkpoint_best": self.checkpoint_best,
+            "history": self.history,
+            **self.extra,
+        }
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> StageOutcome:
+        known = {
+            "name", "finished", "epochs", "best_epoch", "best_hm", "beta_best", "beta_last", "lr_drops", "seconds",
+            "checkpoint_last", "checkpoint_best", "history",
+        }  # fmt: skip
+        return StageOutcome(
+            name=d["name"],
+            epochs=d["epochs"],
+            best_epoch=d["best_epoch"],
+            best_hm=d["best_hm"],
+            beta_best=d["beta_best"],
+            beta_last=d["beta_last"],
+            lr_drops=list(d["lr_drops"]),
+            history=list(d["history"]),
+            seconds=d["seconds"],
+            checkpoint_last=d["checkpoint_last"],
+            checkpoint_best=d["checkpoint_best"],
+            finished=d.get("finished", True),
+            extra={k: v for k, v in d.items() if k not in known},
+        )
+
+
+class Interrupted(Exception):
+    """Raised by an ``on_epoch_end`` callback to stop a run after a checkpoint (tests, time limits)."""
+
+
+EpochCallback = Callable[[int, dict[str, Any]], None]
+
+
+class Trainer:
+    """Trains one method for one stage (or one GFSL repeat) and checkpoints into ``out_dir``."""
+
+    def __init__(
+        self,
+        method,
+        store: FeatureStore,
+        text: torch.Tensor,
+        cfg: RunConfig,
+        device: torch.device,
+        out_dir: str | Path,
+        *,
+        name: str,
+        seed: int,
+        stage: int,
+        repeat: int = 0,
+        compat: str = "none",
+        progress: bool = False,
+        meta: dict[str, Any] | None = None,
+    ):
+        self.method = method
+        self.store = store
+        self.text = text
+        self.cfg = cfg
+        self.device = device
+        self.out_dir = Path(out_dir)
+        self.name = name
+        self.seed = seed
+        self.stage = stage
+        self.repeat = repeat
+        self.compat = compat
+        self.progress = progress
+        self.meta = meta or {}
+        self.checkpoints = self.out_dir / "checkpoints"
+        self.optimizer = torch.optim.Adam(list(method.trainable_parameters()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = None
+        if cfg.lr_scheduler:
+            self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                self.optimizer, mode="max", patience=cfg.lr_patience, factor=cfg.lr_factor
+            )
+
+    # ------------------------------------------------------------------------------------------------------------
+
+    def has_checkpoint(self) -> bool:
+        return bool(ckpt.list_checkpoints(self.checkpoints))
+
+    def _lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def _save(self, epoch: int, book: dict[str, Any], val: dict[str, float] | None) -> None:
+        meta = {
+            **self.meta,
+            "stage": self.name,
+            "epoch": epoch,
+            "epochs_done": epoch + 1,
+            "val": val,
+            "trainer": book,
+        }
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "rng": ckpt.rng_state(),
+        }
+        ckpt.save_checkpoint(ckpt.epoch_dir(self.checkpoints, epoch), self.method.state_dict(), meta, state)
+        keep = {epoch}
+        if book.get("best_epoch") is not None:
+            keep.add(int(book["best_epoch"]))
+        ckpt.prune_checkpoints(self.checkpoints, keep)
+        ckpt.atomic_write_json(self.out_dir / "history.json", book["history"])
+
+    def _restore(self) -> tuple[int, dict[str, Any]]:
+        last = ckpt.list_checkpoints(self.checkpoints)[-1]
+        c = ckpt.load_checkpoint(ckpt.epoch_dir(self.checkpoints, last))
+        self.method.load_state_dict({k: v.to(self.device) for k, v in c.model_state().items()})
+        state = c.train_state()
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state(state["rng"])
+        log.info("%s: resuming after epoch %d (%s)", self.name, last + 1, c.path)
+        return last + 1, c.meta["trainer"]
+
+    # ------------------------------------------------------------------------------------------------------------
+
+    def fit(
+        self,
+        train_indices: np.ndarray,
+        epochs: int,
+        *,
+        val: EvalSplit | None = None,
+        select_best: bool = False,
+        schedule: str = "val",
+        replay_drops: list[int] | tuple[int, ...] = (),
+        resume: bool = False,
+        on_epoch_end: EpochCallback | None = None,
+    ) -> StageOutcome:
+        """Train for ``epochs`` epochs on ``train_indices`` (store indices).
+
+        ``val``: evaluated after every epoch (beta searched on ``cfg.beta_grid``); ``select_best`` tracks the best
+        epoch by strictly higher HM. ``schedule``: ``"val"`` steps ReduceLROnPlateau on the val HM (needs ``val``),
+        ``"replay"`` multiplies the LR by ``lr_factor`` after each epoch in ``replay_drops``, ``"none"`` keeps it.
+        With ``cfg.lr_scheduler`` false the LR never changes.
+        """
+        if schedule == "val" and val is None:
+            raise ValueError("schedule='val' needs a validation split")
+        cfg = self.cfg
+        sampler = ClassBalancedSampler(self.store.labels.numpy(), train_indices, cfg.batch_size, cfg.n_batches)
+        betas = metrics.beta_grid(cfg.beta_grid) if val is not None else None
+        official_best = self.compat == "official"
+        drops = set(int(e) for e in replay_drops)
+
+        start = 0
+        book: dict[str, Any] = {
+            "best_epoch": None,
+            "best_hm": None,
+            "beta_best": None,
+            "beta_last": None,
+            "lr_drops": [],
+            "history": [],
+        }
+        if self.has_checkpoint():
+            if not resume:
+                raise AvlowshotError(f"{self.checkpoints}: checkpoints exist; pass --resume to continue")
+            start, book = self._restore()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        writer = _summary_writer(self.out_dir, purge_step=start + 1 if start > 0 else None)
+        t_stage = time.perf_counter()
+        try:
+            for epoch in range(start, epochs):
+                record = self._epoch(sampler, epoch, epochs)
+                lr_used = self._lr()
+                val_rec = None
+                if val is not None:
+                    t0 = time.perf_counter()
+                    res = evaluate_split(
+                        self.method, self.store, val, self.text, self.device, cfg.eval_batch_size, betas=betas
+                    )
+                    val_rec = metric_record(res)
+                    record["time_val"] = time.perf_counter() - t0
+                    record["val"] = val_rec
+                    book["beta_last"] = val_rec["beta"]
+                    if select_best:
+                        best = book["best_hm"]
+                        if best is None or val_rec["hm"] > best or (official_best and not best):
+                            book["best_epoch"], book["best_hm"] = epoch, val_rec["hm"]
+                            book["beta_best"] = val_rec["beta"]
+                if cfg.lr_scheduler and self.scheduler is not None:
+                    if schedule == "val":
+                        self.scheduler.step(val_rec["hm"])
+                    elif schedule == "replay" and epoch in drops:
+                        for g in self.optimizer.param_groups:
+                            g["lr"] = g["lr"] * cfg.lr_factor
+                if self._lr() < lr_used:
+                    book["lr_drops"].append(epoch)
+                record["lr"] = lr_used
+                book["history"].append(record)
+                self._save(epoch, book, val_rec)
+                self._log(writer, epoch, epochs, record, book)
+                if on_epoch_end is not None:
+                    on_epoch_end(epoch, record)
+        finally:
+            if writer is not None:
+                writer.close()
+        seconds = sum(r["time_train"] + r.get("time_val", 0.0) for r in book["history"])
+        last = epochs - 1
+        outcome = StageOutcome(
+            name=self.name,
+            epochs=epochs,
+            best_epoch=book["best_epoch"],
+            best_hm=book["best_hm"],
+            beta_best=book["beta_best"],
+            beta_last=book["beta_last"],
+            lr_drops=book["lr_drops"],
+            history=book["history"],
+            seconds=seconds,
+            checkpoint_last=str(ckpt.epoch_dir(Path("checkpoints"), last)),
+            checkpoint_best=(
+                str(ckpt.epoch_dir(Path("checkpoints"), book["best_epoch"])) if book["best_epoch"] is not None else None
+            ),
+        )
+        outcome.extra["wall_seconds_last_session"] = time.perf_counter() - t_stage
+        ckpt.atomic_write_json(self.out_dir / "summary.json", outcome.to_json())
+        return outcome
+
+    def _epoch(self, sampler: ClassBalancedSampler, epoch: int, epochs: int) -> dict[str, Any]:
+        cfg = self.cfg
+        method = self.method
+        t0 = time.perf_counter()
+        method.train()
+        gen = torch.Generator().manual_seed(epoch_seed(self.seed, self.stage, self.repeat, epoch))
+        idx = sampler.epoch(gen)  # [n_batches, B]
+        neg = None
+        if getattr(method, "needs_negatives", False):
+            neg = sampler.negatives(self.store.labels[idx.reshape(-1)], gen).view_as(idx)
+        sums: dict[str, torch.Tensor] = {}
+        bar = _bar(cfg.n_batches, f"{self.name} {epoch + 1}/{epochs}", self.progress)
+        try:
+            for b in range(cfg.n_batches):
+                batch = gather(self.store, idx[b]).to(self.device, non_blocking=True)
+                text = self.text[batch.labels]
+                kwargs = {}
+                if neg is not None:
+                    nb = gather(self.store, neg[b]).to(self.device, non_blocking=True)
+                    kwargs = {"negative": nb, "negative_text": self.text[nb.labels]}
+                losses = method.losses(batch, text, **kwargs)
+                self.optimizer.zero_grad(set_to_none=True)
+                losses["loss"].backward()
+                self.optimizer.step()
+                method.after_step(batch, text)
+                for k, v in losses.items():
+                    v = v.detach()
+                    sums[k] = sums[k] + v if k in sums else v.clone()
+                if bar is not None:
+                    bar.update(1)
+                    if (b + 1) % 50 == 0:
+                        bar.set_postfix(loss=f"{float(sums['loss']) / (b + 1):.4f}")
+        finally:
+            if bar is not None:
+                bar.close()
+        train = {k: float(v) / cfg.n_batches for k, v in sums.items()}
+        if not math.isfinite(train.get("loss", 0.0)):
+            raise AvlowshotError(
+                f"{self.name}, epoch {epoch + 1}: the training loss is {train['loss']} "
+                f"(diverged; try a lower lr, e.g. --set lr={cfg.lr / 10:g})"
+            )
+        return {"epoch": epoch, "train": train, "time_train": time.perf_counter() - t0}
+
+    def _log(self, writer, epoch: int, epochs: int, record: dict[str, Any], book: dict[str, Any]) -> None:
+        step = epoch + 1
+        if writer is not None:
+            for k, v in record["train"].items():
+                writer.add_scalar(f"train/{k}", v, step)
+            writer.add_scalar("train/lr", record["lr"], step)
+            for k, v in (record.get("val") or {}).items():
+                writer.add_scalar(f"val/{k}", v * 100 if k != "beta" else v, step)
+            writer.flush()
+        msg = f"{self.name} epoch {epoch + 1}/{epochs}: loss {record['train']['loss']:.4f} lr {record['lr']:.2e}"
+        if record.get("val"):
+            v = record["val"]
+            msg += f" | val S {100 * v['seen']:.2f} U {100 * v['unseen']:.2f} HM {100 * v['hm']:.2f}"
+            msg += f" ZSL {100 * v['zsl']:.2f} beta {v['beta']:.3g}"
+            if book["best_epoch"] is not None:
+                msg += f" (best HM {100 * book['best_hm']:.2f} @ {book['best_epoch'] + 1})"
+        log.info(msg)
+
+
+def _summary_writer(log_dir: Path, purge_step: int | None):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # pragma: no cover - tensorboard is a dependency
+        log.warning("tensorboard is not installed: no event files")
+        return None
+    return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
