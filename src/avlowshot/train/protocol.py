@@ -352,7 +352,7 @@ def test_beta(beta: float, ctx: RunContext) -> float:
     of it (``metrics.transfer_beta``, e.g. AVCA's 0 -> 1e-10)."""
     if ctx.compat != "official":
         return beta
-    return metrics.transfer_beta(beta, ctx.bench.spec.family)
+    return metrics.transfer_beta(beta, ctx.cfg.method)
 
 
 def _percent(result, task: str) -> dict[str, float]:
