@@ -26,15 +26,30 @@ def _fail(exc: AvlowshotError) -> typer.Exit:
 
 
 def _setup_logging(quiet: bool) -> None:
+    """One plain line per epoch on stderr (readable in log files and CI, unlike a wrapped rich layout)."""
     logger = logging.getLogger("avlowshot")
     logger.setLevel(logging.WARNING if quiet else logging.INFO)
     if not any(getattr(h, "_avlowshot", False) for h in logger.handlers):
-        from rich.logging import RichHandler
-
-        handler = RichHandler(console=err_console, show_path=False, show_level=False, markup=False)
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
         handler._avlowshot = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
         logger.propagate = False
+
+
+def print_result(result: dict[str, Any]) -> None:
+    """The run's identity on one line, then its metrics as a table."""
+    console.print(result_title(result), highlight=False, soft_wrap=True)
+    console.print(metrics_table(result))
+
+
+def result_title(result: dict[str, Any]) -> str:
+    shots = f", {result['shots']} shots" if result.get("shots") else ""
+    return (
+        f"{result['method']} on {result['dataset']} {result['layout']} ({result['split_family']}{shots}, "
+        f"seed {result['seed']}, compat {result['compat']}): best epoch {result['best_epoch'] + 1}, "
+        f"beta {result['beta']:.4g}"
+    )
 
 
 def metrics_table(result: dict[str, Any]) -> Table:
@@ -42,12 +57,7 @@ def metrics_table(result: dict[str, Any]) -> Table:
     keys = ("seen", "unseen", "hm", "zsl") if task == "gzsl" else ("base", "novel", "hm", "fsl")
     heads = {"seen": "seen", "unseen": "unseen", "hm": "HM", "zsl": "ZSL", "base": "base", "novel": "novel",
              "fsl": "FSL"}  # fmt: skip
-    title = (
-        f"{result['method']} on {result['dataset']} {result['layout']} ({result['split_family']}"
-        f"{', ' + str(result['shots']) + ' shots' if result.get('shots') else ''}, seed {result['seed']}, "
-        f"compat {result['compat']}): best epoch {result['best_epoch'] + 1}, beta {result['beta']:.4g}"
-    )
-    table = Table(title=title)
+    table = Table()
     table.add_column("", justify="left")
     for k in keys:
         table.add_column(heads[k], justify="right")
@@ -120,7 +130,7 @@ def register(app: typer.Typer) -> None:
         except AvlowshotError as exc:
             raise _fail(exc) from None
         if result is not None:
-            console.print(metrics_table(result))
+            print_result(result)
             console.print(f"result: {spec.run_dir / protocol.RESULT_FILE}")
         else:
             console.print(f"{run} finished: {spec.run_dir}")
@@ -141,7 +151,7 @@ def register(app: typer.Typer) -> None:
             result = protocol.evaluate_run(run_dir, root_dir=root_dir, cache_dir=cache_dir, device=device, write=write)
         except AvlowshotError as exc:
             raise _fail(exc) from None
-        console.print(metrics_table(result))
+        print_result(result)
 
     @app.command("report")
     def report_cmd(
