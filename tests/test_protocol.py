@@ -199,3 +199,22 @@ def test_config_errors_name_the_key_and_the_file(ucf, tmp_path):
     res = _cli_run(ucf, tmp_path / "runs", tmp_path / "cache", "--method", "nope")
     assert res.exit_code == 2
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("result.json"))
+
+
+def test_gfsl_run_reports_each_repeat_and_mean_std(ucf, tmp_path):
+    """GFSL derived from a GZSL root: base / novel / HM / FSL per stage-2 repeat and as mean +- std."""
+    res = _cli_run(ucf, tmp_path / "runs", tmp_path / "cache", "--shots", "5", "--set", "epochs=2")
+    assert res.exit_code == 0, res.output
+    run_dir = tmp_path / "runs" / "avca_UCF_avca-cls_5shot_seed42"
+    rec = json.loads((run_dir / "result.json").read_text())
+    assert rec["task"] == "gfsl" and rec["shots"] == 5 and rec["split_family"] == "cls_split/5-shot"
+    assert sorted(p.name for p in (run_dir / "stage-2").iterdir()) == ["repeat-0", "repeat-1", "repeat-2"]
+    assert len(rec["repeats"]) == 3 and set(rec["metrics"]) == {"base", "novel", "hm", "fsl"}
+    for key in ("base", "novel", "fsl"):
+        values = [r[key] for r in rec["repeats"]]
+        assert rec["metrics"][key] == pytest.approx(np.mean(values), abs=1e-9)
+        assert rec["metrics_std"][key] == pytest.approx(np.std(values), abs=1e-9)
+    b, n = rec["metrics"]["base"], rec["metrics"]["novel"]
+    assert rec["metrics"]["hm"] == pytest.approx(2 * b * n / (b + n), rel=1e-6)  # HM of the means, as AV-DIFF
+    assert b > 3 * 100 / len(rec["per_class"][0]) and n > 3 * 100 / len(rec["per_class"][0])
+    assert "repeat 2" in res.output and "±" in res.output
