@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from avlowshot import __version__
+from avlowshot.cli_common import DATASET_HELP, LAYOUT_HELP, console, err_console, fail
 from avlowshot.errors import AvlowshotError
 
 app = typer.Typer(
@@ -18,17 +18,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console()
-err_console = Console(stderr=True)
-
-LAYOUT_HELP = "avca-cls | avca-main | tcaf-cls | tcaf-main | clipclap | avdiff"
-DATASET_HELP = "UCF | ActivityNet | VGGSound"
-
-
-def fail(exc: AvlowshotError) -> typer.Exit:
-    """Print a user error (it names the file, the key and the fix) and return the exit to raise: code 2."""
-    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-    return typer.Exit(2)
 
 
 def _progress() -> Progress:
@@ -106,12 +95,6 @@ def check_data(
     console.print("[green]ok[/]: every file read, every check passed")
 
 
-def _register_optional() -> None:
-    try:
-        from avlowshot import cli_run
-    except ImportError:  # pragma: no cover - during development only
-        return
-    cli_run.register(app)
+from avlowshot import cli_run  # noqa: E402 - the run / evaluate / report commands need ``app``
 
-
-_register_optional()
+cli_run.register(app)

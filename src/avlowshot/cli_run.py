@@ -8,21 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from avlowshot.cli_common import DATASET_HELP, LAYOUT_HELP, console, fail
 from avlowshot.errors import AvlowshotError
-
-LAYOUT_HELP = "avca-cls | avca-main | tcaf-cls | tcaf-main | clipclap | avdiff"
-DATASET_HELP = "UCF | ActivityNet | VGGSound"
-
-console = Console()
-err_console = Console(stderr=True)
-
-
-def _fail(exc: AvlowshotError) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-    return typer.Exit(2)
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -128,7 +117,7 @@ def register(app: typer.Typer) -> None:
             )
             result = protocol.run(spec, parts=run, resume=resume)
         except AvlowshotError as exc:
-            raise _fail(exc) from None
+            raise fail(exc) from None
         if result is not None:
             print_result(result)
             console.print(f"result: {spec.run_dir / protocol.RESULT_FILE}")
@@ -150,7 +139,7 @@ def register(app: typer.Typer) -> None:
         try:
             result = protocol.evaluate_run(run_dir, root_dir=root_dir, cache_dir=cache_dir, device=device, write=write)
         except AvlowshotError as exc:
-            raise _fail(exc) from None
+            raise fail(exc) from None
         print_result(result)
 
     @app.command("report")
@@ -164,5 +153,5 @@ def register(app: typer.Typer) -> None:
         try:
             text = report(log_dir, format)
         except AvlowshotError as exc:
-            raise _fail(exc) from None
+            raise fail(exc) from None
         sys.stdout.write(text)
