@@ -63,14 +63,71 @@ def _gather_temporal(
     return out, mask, time
 
 
-def gather(store: FeatureStore, indices: np.ndarray | torch.Tensor) -> Batch:
-    """The samples ``indices`` of ``store`` as one batch (temporal features padded to the longest sequence)."""
+@dataclass(frozen=True)
+class SequenceWindow:
+    """Fixed-length windows of temporal batches (TCAF's ``fixed`` collation, used on ActivityNet).
+
+    Every video sequence is cut or padded to ``length`` rows; the audio window covers the same seconds,
+    ``round(length * video_step / audio_step)`` rows, and starts at the row nearest the video start in seconds.
+    The video start is uniform in ``[0, T - length]`` for training draws and ``(T - length) // 2`` (centred) without
+    draws. ``official`` reproduces the reference collator (specs/tcaf.md §1.9): audio length
+    ``round(length * video_step * audio_step)``, a random start in ``[0, T - length - 1]`` (the last offset is never
+    drawn).
+    """
+
+    length: int
+    official: bool = False
+
+    def lengths(self, store: FeatureStore) -> tuple[int, int]:
+        """(audio rows, video rows) of every window."""
+        rv, ra = store.video.step_seconds, store.audio.step_seconds
+        audio = self.length * rv * ra if self.official else self.length * rv / ra
+        return int(round(audio)), self.length
+
+    def starts(
+        self, store: FeatureStore, idx: torch.Tensor, draws: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(audio starts, video starts) ``[B]`` of the windows of samples ``idx``; ``draws`` ``[B]`` uniform in
+        [0, 1) place random windows, ``None`` centres them."""
+        la, lv = self.lengths(store)
+        ta, tv = store.audio.lengths()[idx], store.video.lengths()[idx]
+        dv, da = tv - lv, ta - la
+        if draws is None:
+            sv = dv.clamp(min=0) // 2
+        else:
+            span = dv if self.official else dv + 1
+            sv = (draws.to(torch.float64) * span.clamp(min=0)).long()
+        sv = torch.where(dv > 0, sv, torch.zeros_like(sv))
+        rv, ra = store.video.step_seconds, store.audio.step_seconds
+        aligned = torch.round(sv.to(torch.float64) * (rv / ra)).long()  # same instant in audio rows
+        # Audio that fits its window is kept whole (start 0), else it starts at the video's start, or as late as
+        # it can; the reference does the same.
+        return torch.minimum(da.clamp(min=0), aligned), sv
+
+
+def gather(
+    store: FeatureStore,
+    indices: np.ndarray | torch.Tensor,
+    window: SequenceWindow | None = None,
+    draws: torch.Tensor | None = None,
+) -> Batch:
+    """The samples ``indices`` of ``store`` as one batch (temporal features padded to the longest sequence).
+
+    With a ``window``, temporal features are cut / padded to the window's fixed lengths instead, at random starts
+    from ``draws`` (``[B]`` uniforms, training) or centred (``draws=None``, evaluation). Times restart at 0 at the
+    first kept row."""
     idx = torch.as_tensor(np.asarray(indices), dtype=torch.int64)
     labels = store.labels[idx]
     if not store.temporal:
         return Batch(_gather_averaged(store.audio, idx), _gather_averaged(store.video, idx), labels)
-    a, am, at = _gather_temporal(store.audio, idx)
-    v, vm, vt = _gather_temporal(store.video, idx)
+    if window is None:
+        a, am, at = _gather_temporal(store.audio, idx)
+        v, vm, vt = _gather_temporal(store.video, idx)
+    else:
+        la, lv = window.lengths(store)
+        sa, sv = window.starts(store, idx, draws)
+        a, am, at = _gather_temporal(store.audio, idx, la, sa)
+        v, vm, vt = _gather_temporal(store.video, idx, lv, sv)
     return Batch(a, v, labels, am, vm, at, vt)
 
 

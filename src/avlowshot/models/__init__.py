@@ -2,14 +2,20 @@
 
 from avlowshot.models.avca import AVCA, AVCAConfig
 from avlowshot.models.base import InputDims, Method, count_parameters
+from avlowshot.models.clipclap import ClipClap, ClipClapConfig
 from avlowshot.models.registry import METHODS, build_method, config_model, validate_model_config
+from avlowshot.models.tcaf import TCAF, TCAFConfig
 
 __all__ = [
     "AVCA",
     "AVCAConfig",
+    "ClipClap",
+    "ClipClapConfig",
     "InputDims",
     "METHODS",
     "Method",
+    "TCAF",
+    "TCAFConfig",
     "build_method",
     "config_model",
     "count_parameters",

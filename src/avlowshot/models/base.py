@@ -13,7 +13,7 @@ from typing import ClassVar
 from pydantic import BaseModel
 from torch import Tensor, nn
 
-from avlowshot.data.batching import Batch
+from avlowshot.data.batching import Batch, SequenceWindow
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,9 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
     score_kind: ClassVar[str]
     needs_negatives: ClassVar[bool]
     config_class: ClassVar[type[BaseModel]]  # schema of the ``model:`` block of the method's YAML configs
+    needs_class_table: ClassVar[bool] = False
+    """The trainer passes ``class_text`` [K, Dt] and ``class_ids`` [K] (every training class, ascending id) to
+    :meth:`losses`, for losses that score each sample against all classes (e.g. a cross-entropy)."""
 
     def __init__(self, config: BaseModel, dims: InputDims, compat: str = "none"):
         super().__init__()
@@ -61,6 +64,11 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
         ``text`` ``[B, Dt]`` is the class text embedding of each positive's label, ``negative_text`` that of each
         negative's label.
         """
+
+    def sequence_window(self, training: bool) -> SequenceWindow | None:
+        """Fixed collation window of temporal batches (random starts in training, centred in evaluation), or
+        ``None`` to pad each batch to its longest sequence."""
+        return None
 
     def after_step(self, batch: Batch, text: Tensor) -> None:  # noqa: B027 - optional hook, no-op by default
         """Hook run after each optimiser step on the same positive batch."""

@@ -15,16 +15,26 @@ from torch import nn
 class EmbeddingNet(nn.Module):
     """``[Linear(in,h) -> BN(h) -> ReLU -> Dropout] -> Linear(.,out) -> BN(out, out_momentum) -> ReLU -> Dropout``.
 
-    The bracketed hidden block exists only when ``hidden > 0``. Its BN always uses PyTorch's default momentum 0.1;
+    The bracketed hidden block exists only when ``hidden > 0``; its BN can be left out (``hidden_bn=False``, TCAF's
+    ``embeddings_batch_norm``). It always uses PyTorch's default momentum 0.1;
     ``out_momentum`` sets the momentum of the output BN only, because that is the one knob the references expose.
     Outputs are post-ReLU, hence non-negative.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, dropout: float, hidden: int = 0, out_momentum: float = 0.1):
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        dropout: float,
+        hidden: int = 0,
+        out_momentum: float = 0.1,
+        hidden_bn: bool = True,
+    ):
         super().__init__()
         layers: list[nn.Module] = []
         if hidden:
-            layers += [nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Dropout(dropout)]
+            layers += [nn.Linear(in_dim, hidden)] + ([nn.BatchNorm1d(hidden)] if hidden_bn else [])
+            layers += [nn.ReLU(), nn.Dropout(dropout)]
             in_dim = hidden
         out_bn = nn.BatchNorm1d(out_dim, momentum=out_momentum)
         layers += [nn.Linear(in_dim, out_dim), out_bn, nn.ReLU(), nn.Dropout(dropout)]
@@ -112,4 +122,169 @@ class PreNormTransformer(nn.Module):
         for attn, ff in self.layers:
             x = attn(x, mask=mask) + x
             x = ff(x) + x
+        return x
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Token sequences: attention-mask rules, Fourier time embedding, modality/time/padding embeddings, and a transformer
+# with one LayerNorm per layer (TCAF, AV-DIFF).
+
+ATTENTION_RULES = ("full", "self", "cross")
+
+
+def token_attention_mask(
+    kinds: torch.Tensor, rule: str, valid: torch.Tensor | None = None, global_kind: int | None = 0
+) -> torch.Tensor:
+    """Boolean attention mask (True = query i may attend to key j) over a token sequence with per-token kinds.
+
+    ``kinds`` ``[N]`` (int): the group of every token, e.g. 0 = class token, 1 = audio, 2 = video.
+    ``rule``: ``"full"`` every pair; ``"self"`` pairs of the same kind (within-modality); ``"cross"`` pairs of
+    different kinds (an audio token sees video tokens only, and the reverse). Tokens of ``global_kind`` (class
+    tokens; ``None`` for none) attend to and are attended by every token under every rule, themselves included.
+    ``valid`` ``[B, N]`` (True = real token): pairs with a padded query or key are blocked, so a padded query row is
+    all False. Returns ``[N, N]`` without ``valid``, else ``[B, N, N]``.
+    """
+    if rule not in ATTENTION_RULES:
+        raise ValueError(f"attention rule {rule!r}: expected one of {', '.join(ATTENTION_RULES)}")
+    same = kinds.unsqueeze(1) == kinds.unsqueeze(0)
+    if rule == "full":
+        mask = torch.ones_like(same)
+    elif rule == "self":
+        mask = same
+    else:
+        mask = ~same
+    if global_kind is not None:
+        glob = kinds == global_kind
+        mask = mask | glob.unsqueeze(1) | glob.unsqueeze(0)
+    if valid is None:
+        return mask
+    return mask.unsqueeze(0) & valid.unsqueeze(2) & valid.unsqueeze(1)
+
+
+def layer_masks(masks: dict[str, torch.Tensor], rules: list[str]) -> list[torch.Tensor]:
+    """One mask per transformer layer from named masks, e.g. AV-DIFF's hybrid attention
+    ``layer_masks({"self": m_self, "full": m_full}, ["self"] * z + ["full"] * (depth - z))``."""
+    return [masks[r] for r in rules]
+
+
+class FourierTimeEmbedding(nn.Module):
+    """Random Fourier features of time stamps, then a learned ``Linear(dim, dim)`` (TCAF's ``'sinusoid'`` type).
+
+    ``fourier_randn = scale * randn(2, dim / 2)`` is a fixed buffer (saved, not trained). For times ``t`` of any
+    shape: ``proj = (2 pi [t, t]) @ fourier_randn``, ``out = Linear(cat[sin(proj), cos(proj)])`` ``[..., dim]``.
+    """
+
+    def __init__(self, dim: int, scale: float = 10.0):
+        super().__init__()
+        if dim % 2:
+            raise ValueError(f"the Fourier time embedding needs an even dim, got {dim}")
+        self.fourier_embeddings = nn.Linear(dim, dim)
+        self.register_buffer("fourier_randn", scale * torch.randn(2, dim // 2))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.to(self.fourier_randn.dtype)
+        proj = (2 * torch.pi * torch.stack((t, t), dim=-1)) @ self.fourier_randn
+        return self.fourier_embeddings(torch.cat((proj.sin(), proj.cos()), dim=-1))
+
+
+class AudioVisualEmbedding(nn.Module):
+    """Per-token embedding of the audio and video sequences before the joint transformer (TCAF's block).
+
+    For modality m with features ``f [B, T, Dm]``, validity ``valid [B, T]`` and times ``t [B, T]``:
+    ``e = modal_embedding[m] + time(t) + pad_embedding * (~valid)``, ``z = Dropout(Proj_m(cat[f, e]))`` ``[B, T, out]``.
+    ``Proj_m`` is a kernel-1 ``Conv1d`` (the reference module, so its weights load as they are), applied as a
+    per-token linear map. ``time_embed``: ``"sinusoid"`` (Fourier) or ``"none"`` (zeros).
+    """
+
+    def __init__(
+        self,
+        audio_dim: int,
+        video_dim: int,
+        out_dim: int,
+        embed_dim: int,
+        dropout: float,
+        *,
+        embed_modality: bool = True,
+        time_embed: str = "sinusoid",
+        fourier_scale: float = 10.0,
+    ):
+        super().__init__()
+        if time_embed not in ("sinusoid", "none"):
+            raise ValueError(f"time embedding {time_embed!r}: expected sinusoid or none")
+        self.embed_dim = embed_dim
+        # Construction order of the reference block (modality, time, padding, projections).
+        self.modal_embedding = nn.Embedding(2, embed_dim) if embed_modality else None
+        self.time_embedding = FourierTimeEmbedding(embed_dim, fourier_scale) if time_embed == "sinusoid" else None
+        self.pad_embedding = nn.Embedding(1, embed_dim)
+        self.out_proj_audio = nn.Conv1d(audio_dim + embed_dim, out_dim, kernel_size=1)
+        self.out_proj_video = nn.Conv1d(video_dim + embed_dim, out_dim, kernel_size=1)
+        self.dropout = nn.Dropout(dropout)
+
+    def embed(self, modality: int, f: torch.Tensor, valid: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``modality`` 0 = audio, 1 = video."""
+        e = self.pad_embedding.weight[0] * (~valid).unsqueeze(-1).to(f.dtype)
+        if self.time_embedding is not None:
+            e = self.time_embedding(t) + e
+        if self.modal_embedding is not None:
+            e = self.modal_embedding.weight[modality] + e
+        proj = self.out_proj_audio if modality == 0 else self.out_proj_video
+        z = F.linear(torch.cat((f, e.to(f.dtype)), dim=-1), proj.weight.squeeze(-1), proj.bias)
+        return self.dropout(z)
+
+
+class MaskedAttention(nn.Module):
+    """Multi-head attention with separate bias-free ``to_q``, ``to_k``, ``to_v`` (TCAF's ``NewAttention``), run by
+    ``scaled_dot_product_attention`` with a boolean mask (True = may attend), scale ``dim_head ** -0.5``.
+
+    A query row whose keys are all blocked (a padded token) is let through to every key, so that no backend returns
+    NaN; such rows are never read (no valid token attends to a padded key).
+    """
+
+    def __init__(self, dim: int, heads: int, dim_head: int, dropout: float):
+        super().__init__()
+        inner = heads * dim_head
+        self.heads = heads
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_k = nn.Linear(dim, inner, bias=False)
+        self.to_v = nn.Linear(dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = (f(x).view(b, n, self.heads, -1).transpose(1, 2) for f in (self.to_q, self.to_k, self.to_v))
+        if mask is not None:
+            mask = mask | ~mask.any(dim=-1, keepdim=True)
+            mask = mask.unsqueeze(-3) if mask.dim() == 3 else mask  # [B, 1, N, N] broadcast over heads
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class SharedNormLayer(nn.Module):
+    """``x = x + Attn(LN(x), mask); x = x + FF(LN(x))`` with ONE LayerNorm shared by both sub-blocks (TCAF)."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, mlp_dim: int, dropout: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.attn = MaskedAttention(dim, heads, dim_head, dropout)
+        self.ff = FeedForward(dim, mlp_dim, dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.attn(self.norm(x), mask=mask) + x
+        return self.ff(self.norm(x)) + x
+
+
+class SharedNormTransformer(nn.Module):
+    """``depth`` :class:`SharedNormLayer` s, no final norm. ``mask``: one boolean mask for every layer (``[N, N]``
+    or ``[B, N, N]``), a list with one mask per layer (e.g. :func:`layer_masks`), or ``None`` (full attention)."""
+
+    def __init__(self, dim: int, depth: int, heads: int, dim_head: int, mlp_dim: int, dropout: float):
+        super().__init__()
+        self.layers = nn.ModuleList(SharedNormLayer(dim, heads, dim_head, mlp_dim, dropout) for _ in range(depth))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | list[torch.Tensor] | None = None) -> torch.Tensor:
+        masks = mask if isinstance(mask, list | tuple) else [mask] * len(self.layers)
+        if len(masks) != len(self.layers):
+            raise ValueError(f"{len(masks)} attention masks for {len(self.layers)} layers")
+        for layer, m in zip(self.layers, masks, strict=True):
+            x = layer(x, mask=m)
         return x

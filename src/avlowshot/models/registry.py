@@ -10,8 +10,10 @@ from pydantic import BaseModel, ValidationError
 from avlowshot.errors import ConfigError
 from avlowshot.models.avca import AVCA
 from avlowshot.models.base import InputDims, Method
+from avlowshot.models.clipclap import ClipClap
+from avlowshot.models.tcaf import TCAF
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (AVCA,)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (AVCA, ClipClap, TCAF)}
 
 
 def method_class(name: str) -> type[Method]:

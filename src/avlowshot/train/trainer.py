@@ -76,10 +76,11 @@ def encode_samples(method, store: FeatureStore, indices: np.ndarray, device: tor
     """Sample codes of ``indices`` in order, in eval mode, ``batch_size`` at a time."""
     was_training = method.training
     method.eval()
+    window = method.sequence_window(training=False)
     try:
         parts = []
         for start in range(0, len(indices), batch_size):
-            batch = gather(store, indices[start : start + batch_size]).to(device, non_blocking=True)
+            batch = gather(store, indices[start : start + batch_size], window).to(device, non_blocking=True)
             parts.append(method.encode_samples(batch))
         if isinstance(parts[0], torch.Tensor):
             return torch.cat(parts)
@@ -403,16 +404,30 @@ class Trainer:
         neg = None
         if getattr(method, "needs_negatives", False):
             neg = sampler.negatives(self.store.labels[idx.reshape(-1)], gen).view_as(idx)
+        # Window starts come from the same generator, after the indices (nothing is drawn without a window).
+        window = method.sequence_window(training=True) if self.store.temporal else None
+        draws = neg_draws = None
+        if window is not None:
+            draws = torch.rand(idx.shape, generator=gen, dtype=torch.float64)
+            if neg is not None:
+                neg_draws = torch.rand(idx.shape, generator=gen, dtype=torch.float64)
+        # Methods whose loss scores every class of the split get their text embeddings and ids (ascending).
+        class_kwargs = {}
+        if method.needs_class_table:
+            class_ids = torch.as_tensor(sampler.class_ids, dtype=torch.int64, device=self.text.device)
+            class_kwargs = {"class_text": self.text[class_ids], "class_ids": class_ids}
         sums: dict[str, torch.Tensor] = {}
         bar = _bar(cfg.n_batches, f"{self.name} {epoch + 1}/{epochs}", self.progress)
         try:
             for b in range(cfg.n_batches):
-                batch = gather(self.store, idx[b]).to(self.device, non_blocking=True)
+                batch = gather(self.store, idx[b], window, None if draws is None else draws[b])
+                batch = batch.to(self.device, non_blocking=True)
                 text = self.text[batch.labels]
-                kwargs = {}
+                kwargs = dict(class_kwargs)
                 if neg is not None:
-                    nb = gather(self.store, neg[b]).to(self.device, non_blocking=True)
-                    kwargs = {"negative": nb, "negative_text": self.text[nb.labels]}
+                    nb = gather(self.store, neg[b], window, None if neg_draws is None else neg_draws[b])
+                    nb = nb.to(self.device, non_blocking=True)
+                    kwargs.update(negative=nb, negative_text=self.text[nb.labels])
                 losses = method.losses(batch, text, **kwargs)
                 self.optimizer.zero_grad(set_to_none=True)
                 losses["loss"].backward()
