@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from avlowshot.data.batching import ClassBalancedSampler, gather
+from avlowshot.data.batching import Batch, ClassBalancedSampler, SequenceWindow, gather
 from avlowshot.data.splits import EvalSplit
 from avlowshot.data.store import FeatureStore
 from avlowshot.errors import AvlowshotError
@@ -201,6 +201,18 @@ class StageOutcome:
             finished=d.get("finished", True),
             extra={k: v for k, v in d.items() if k not in known},
         )
+
+
+@dataclass
+class EpochPlan:
+    """The random draws of one training epoch (see :meth:`Trainer.plan_epoch`)."""
+
+    indices: torch.Tensor  # [n_batches, B] store indices
+    negatives: torch.Tensor | None  # [n_batches, B], a sample of another class per positive
+    window: SequenceWindow | None
+    draws: torch.Tensor | None  # [n_batches, B] uniform window-start draws
+    negative_draws: torch.Tensor | None
+    class_kwargs: dict[str, Any]
 
 
 class Interrupted(Exception):
@@ -394,17 +406,15 @@ class Trainer:
         ckpt.atomic_write_json(self.out_dir / "summary.json", outcome.to_json())
         return outcome
 
-    def _epoch(self, sampler: ClassBalancedSampler, epoch: int, epochs: int) -> dict[str, Any]:
-        cfg = self.cfg
+    def plan_epoch(self, sampler: ClassBalancedSampler, epoch: int) -> EpochPlan:
+        """Every random draw of one epoch, from one generator seeded by (seed, stage, repeat, epoch): the batch
+        indices, then the negatives (methods that need them), then the window starts (methods with a window)."""
         method = self.method
-        t0 = time.perf_counter()
-        method.train()
         gen = torch.Generator().manual_seed(epoch_seed(self.seed, self.stage, self.repeat, epoch))
         idx = sampler.epoch(gen)  # [n_batches, B]
         neg = None
-        if getattr(method, "needs_negatives", False):
+        if method.needs_negatives:
             neg = sampler.negatives(self.store.labels[idx.reshape(-1)], gen).view_as(idx)
-        # Window starts come from the same generator, after the indices (nothing is drawn without a window).
         window = method.sequence_window(training=True) if self.store.temporal else None
         draws = neg_draws = None
         if window is not None:
@@ -416,25 +426,40 @@ class Trainer:
         if method.needs_class_table:
             class_ids = torch.as_tensor(sampler.class_ids, dtype=torch.int64, device=self.text.device)
             class_kwargs = {"class_text": self.text[class_ids], "class_ids": class_ids}
+        return EpochPlan(idx, neg, window, draws, neg_draws, class_kwargs)
+
+    def load_batch(self, plan: EpochPlan, b: int) -> tuple[Batch, torch.Tensor, dict[str, Any]]:
+        """The data path of batch ``b``: gather (pad / window, masks) and move to the device; its text rows and
+        the extra arguments of ``losses``."""
+        batch = gather(self.store, plan.indices[b], plan.window, None if plan.draws is None else plan.draws[b])
+        batch = batch.to(self.device, non_blocking=True)
+        kwargs = dict(plan.class_kwargs)
+        if plan.negatives is not None:
+            draws = None if plan.negative_draws is None else plan.negative_draws[b]
+            nb = gather(self.store, plan.negatives[b], plan.window, draws).to(self.device, non_blocking=True)
+            kwargs.update(negative=nb, negative_text=self.text[nb.labels])
+        return batch, self.text[batch.labels], kwargs
+
+    def train_step(self, batch: Batch, text: torch.Tensor, kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """One optimiser step; returns the detached loss terms."""
+        losses = self.method.losses(batch, text, **kwargs)
+        self.optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        self.optimizer.step()
+        self.method.after_step(batch, text)
+        return {k: v.detach() for k, v in losses.items()}
+
+    def _epoch(self, sampler: ClassBalancedSampler, epoch: int, epochs: int) -> dict[str, Any]:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        self.method.train()
+        plan = self.plan_epoch(sampler, epoch)
         sums: dict[str, torch.Tensor] = {}
         bar = _bar(cfg.n_batches, f"{self.name} {epoch + 1}/{epochs}", self.progress)
         try:
             for b in range(cfg.n_batches):
-                batch = gather(self.store, idx[b], window, None if draws is None else draws[b])
-                batch = batch.to(self.device, non_blocking=True)
-                text = self.text[batch.labels]
-                kwargs = dict(class_kwargs)
-                if neg is not None:
-                    nb = gather(self.store, neg[b], window, None if neg_draws is None else neg_draws[b])
-                    nb = nb.to(self.device, non_blocking=True)
-                    kwargs.update(negative=nb, negative_text=self.text[nb.labels])
-                losses = method.losses(batch, text, **kwargs)
-                self.optimizer.zero_grad(set_to_none=True)
-                losses["loss"].backward()
-                self.optimizer.step()
-                method.after_step(batch, text)
+                losses = self.train_step(*self.load_batch(plan, b))
                 for k, v in losses.items():
-                    v = v.detach()
                     sums[k] = sums[k] + v if k in sums else v.clone()
                 if bar is not None:
                     bar.update(1)
