@@ -95,6 +95,7 @@ def check_data(
     console.print("[green]ok[/]: every file read, every check passed")
 
 
-from avlowshot import cli_run  # noqa: E402 - the run / evaluate / report commands need ``app``
+from avlowshot import cli_bench, cli_run  # noqa: E402 - these commands need ``app``
 
 cli_run.register(app)
+cli_bench.register(app)

@@ -1,0 +1,387 @@
+"""``avlowshot bench``: speed and memory of one method on a synthetic benchmark of the real shape.
+
+What is measured, in one process, with the same code paths as ``avlowshot run``:
+
+* **data**: building (or reusing) the synthetic benchmark, opening it (cache build on first use, memory-mapped
+  reopen after), and the data path of training (epoch plan = sampling, then per batch gather + padding / windows +
+  masks + device copy), as a share of a training step;
+* **training**: ``--batches`` optimiser steps (after warm-up steps) with the method's published config: seconds per
+  step, samples/s, seconds per 300-batch epoch;
+* **FLOPs**: the model FLOPs of one training step (forward + backward, ``torch.utils.flop_counter``), the achieved
+  FLOP/s, and the machine's fp32 matrix-multiply throughput on the *same GEMM shapes* the step issues, replayed in
+  isolation in this run; their ratio says how close the step is to the machine's limit;
+* **evaluation**: scoring the whole val split and every test split, including the search over the whole calibration
+  grid;
+* **memory**: peak resident set size and peak anonymous memory (sampled; file-backed pages of the memory-mapped
+  features are not anonymous), and on CUDA the peak allocated device memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import resource
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from avlowshot import __version__
+from avlowshot.errors import AvlowshotError
+
+EPOCH_BATCHES = 300  # the "epoch" the per-epoch figure is quoted for (AV-DIFF / ClipClap / TCAF use 300 batches)
+
+
+@dataclass
+class BenchSpec:
+    method: str
+    layout: str
+    dataset: str
+    scale: float
+    device: str = "cpu"
+    batches: int = 20
+    warmup: int = 3
+    seed: int = 0
+    shots: int | None = None
+    overrides: list[str] = field(default_factory=list)
+    work_dir: Path | None = None
+    evaluate: bool = True
+
+    @property
+    def name(self) -> str:
+        shots = f"_{self.shots}shot" if self.shots else ""
+        return f"{self.method}_{self.dataset}_{self.layout}{shots}_scale{self.scale:g}_{self.device.replace(':', '')}"
+
+
+def default_work_dir() -> Path:
+    from avlowshot.data.cache import default_cache_dir
+
+    return default_cache_dir().parent / "bench"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Memory
+
+
+def _proc_status_kb(key: str) -> int | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (file-backed pages included)."""
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb * 1024 if platform.system() == "Linux" else kb  # macOS reports bytes
+
+
+class AnonymousMemorySampler:
+    """Peak anonymous resident memory (``RssAnon``), sampled every ``interval`` seconds on a thread (Linux)."""
+
+    def __init__(self, interval: float = 0.02):
+        self.interval = interval
+        self.peak_kb = _proc_status_kb("RssAnon") or 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def sample(self) -> None:
+        kb = _proc_status_kb("RssAnon")
+        if kb is not None and kb > self.peak_kb:
+            self.peak_kb = kb
+
+    def __enter__(self) -> AnonymousMemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+    @property
+    def available(self) -> bool:
+        return _proc_status_kb("RssAnon") is not None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FLOPs and the GEMM reference
+
+
+_GEMM_OPS = ("mm", "addmm", "bmm", "baddbmm")
+
+
+def step_flops_and_gemms(step) -> tuple[int, dict[tuple[int, ...], int]]:
+    """Run ``step()`` once under the FLOP counter; returns (total FLOPs, {(b, m, k, n): count} of its GEMMs)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    gemms: dict[tuple[int, ...], int] = {}
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name in _GEMM_OPS:
+                a, b = (args[0], args[1]) if name in ("mm", "bmm") else (args[1], args[2])
+                if a.dim() == 2:
+                    shape = (1, a.shape[0], a.shape[1], b.shape[1])
+                else:
+                    shape = (a.shape[0], a.shape[1], a.shape[2], b.shape[2])
+                gemms[shape] = gemms.get(shape, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    counter = FlopCounterMode(display=False)
+    with counter, Recorder():
+        step()
+    return int(counter.get_total_flops()), gemms
+
+
+def gemm_throughput(gemms: dict[tuple[int, ...], int], device: torch.device, min_seconds: float = 0.05) -> dict:
+    """Replay every GEMM shape of a step in isolation (fp32) and return the FLOP/s of the whole set: the rate this
+    machine reaches on exactly these matrix products. Also a 1024^3 square GEMM as a machine reference."""
+
+    def rate(b: int, m: int, k: int, n: int) -> float:
+        x = torch.randn(b, m, k, device=device)
+        y = torch.randn(b, k, n, device=device)
+        fn = (lambda: torch.bmm(x, y)) if b > 1 else (lambda: torch.mm(x[0], y[0]))
+        fn()
+        reps, elapsed = 0, 0.0
+        while elapsed < min_seconds:
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(max(1, reps)):
+                fn()
+            _sync(device)
+            elapsed += time.perf_counter() - t0
+            reps = max(1, reps) * 2
+        done = reps - 1  # 1 + 2 + 4 + ... + reps/2 calls
+        return 2.0 * b * m * k * n * done / elapsed
+
+    total_flops, total_seconds = 0.0, 0.0
+    for (b, m, k, n), count in gemms.items():
+        f = 2.0 * b * m * k * n * count
+        total_flops += f
+        total_seconds += f / rate(b, m, k, n)
+    square = rate(1, 1024, 1024, 1024)
+    return {
+        "shapes": len(gemms),
+        "gemm_flops_per_step": total_flops,
+        "model_shapes_flops_per_s": total_flops / total_seconds if total_seconds else None,
+        "square_1024_flops_per_s": square,
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def synthetic_root(spec: BenchSpec, work_dir: Path) -> tuple[Path, float | None]:
+    """The synthetic benchmark of ``spec`` under ``work_dir/synth`` (written once, atomically); seconds it took to
+    write, or None when it was reused."""
+    from avlowshot.data.layouts import get_layout
+    from avlowshot.data.synth import write_synthetic
+
+    layout = get_layout(spec.layout)
+    shots = spec.shots if layout.task == "gfsl" else None
+    name = f"{spec.layout}_{spec.dataset}_scale{spec.scale:g}_seed{spec.seed}" + (f"_{shots}shot" if shots else "")
+    root = work_dir / "synth" / name
+    if root.is_dir():
+        return root, None
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root.parent))
+    try:
+        t0 = time.perf_counter()
+        write_synthetic(spec.layout, spec.dataset, tmp / "root", scale=spec.scale, seed=spec.seed, shots=shots)
+        seconds = time.perf_counter() - t0
+        os.replace(tmp / "root", root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root, seconds
+
+
+def run_bench(spec: BenchSpec, progress=None) -> dict[str, Any]:
+    """Measure ``spec`` and return the record (see the module docstring)."""
+    from avlowshot.data.batching import ClassBalancedSampler
+    from avlowshot.data.layouts import get_layout
+    from avlowshot.models.base import count_parameters
+    from avlowshot.train.config import load_config
+    from avlowshot.train.protocol import RunContext
+    from avlowshot.train.trainer import evaluate_split, resolve_device
+
+    def say(msg: str) -> None:
+        if progress is not None:
+            progress(msg)
+
+    if spec.batches < 1 or spec.warmup < 0:
+        raise AvlowshotError(f"--batches must be >= 1 (got {spec.batches})")
+    device = resolve_device(spec.device)
+    work_dir = Path(spec.work_dir) if spec.work_dir is not None else default_work_dir()
+    layout = get_layout(spec.layout)
+    cfg = load_config(
+        None,
+        method=spec.method,
+        dataset=spec.dataset,
+        feature_set=layout.feature_set,
+        overrides=list(spec.overrides),
+        seed=spec.seed,
+    )
+    record: dict[str, Any] = {
+        "method": spec.method,
+        "layout": spec.layout,
+        "dataset": spec.dataset,
+        "scale": spec.scale,
+        "shots": spec.shots,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "version": __version__,
+        "torch": torch.__version__,
+        "host": platform.node(),
+        "config": cfg.model_dump(mode="json"),
+    }
+    with AnonymousMemorySampler() as anon:
+        say(f"synthetic benchmark under {work_dir / 'synth'}")
+        root, synth_seconds = synthetic_root(spec, work_dir)
+        cache_dir = work_dir / "cache"
+        info = {
+            "method": spec.method, "layout": spec.layout, "dataset": spec.dataset, "root_dir": str(root),
+            "shots": spec.shots, "seed": spec.seed, "compat": "none",
+        }  # fmt: skip
+        say("opening the benchmark (first use builds the cache)")
+        ctx = RunContext(info, cfg, spec.device, cache_dir=cache_dir)
+        first_open = ctx.load_seconds
+        t0 = time.perf_counter()
+        RunContext(info, cfg, spec.device, cache_dir=cache_dir)
+        reopen = time.perf_counter() - t0
+        anon.sample()
+        record["data"] = {
+            "root": str(root),
+            "videos": len(ctx.store),
+            "classes": len(ctx.store.classes),
+            "synth_seconds": synth_seconds,
+            "open_seconds": first_open,
+            "reopen_seconds": reopen,
+            "feature_bytes": int(ctx.store.audio.data.nbytes + ctx.store.video.data.nbytes),
+            "peak_rss_after_load_bytes": peak_rss_bytes(),
+            "peak_anon_after_load_bytes": anon.peak_kb * 1024 if anon.available else None,
+        }
+
+        # ---- training
+        method = ctx.build()
+        record["n_params"] = int(count_parameters(method, trainable_only=True))
+        steps = spec.warmup + spec.batches
+        cfg_bench = cfg.model_copy(update={"n_batches": steps})
+        out_dir = Path(tempfile.mkdtemp(prefix="avlowshot-bench-"))
+        try:
+            trainer = ctx.trainer(method, out_dir, "bench", stage=1)
+            trainer.cfg = cfg_bench
+            train_idx = ctx.stage1_train_indices()
+            labels = ctx.store.labels.numpy()
+            say(f"training: {spec.warmup} warm-up + {spec.batches} timed steps of {cfg.batch_size}")
+            method.train()
+            t0 = time.perf_counter()
+            sampler = ClassBalancedSampler(labels, train_idx, cfg.batch_size, steps)
+            plan = trainer.plan_epoch(sampler, 0)
+            plan_seconds = time.perf_counter() - t0
+            data_s, step_s = 0.0, 0.0
+            for b in range(steps):
+                _sync(device)
+                t0 = time.perf_counter()
+                loaded = trainer.load_batch(plan, b)
+                _sync(device)
+                t1 = time.perf_counter()
+                trainer.train_step(*loaded)
+                _sync(device)
+                t2 = time.perf_counter()
+                if b >= spec.warmup:
+                    data_s += t1 - t0
+                    step_s += t2 - t1
+            # the plan covers `steps` batches; charge the timed ones their share
+            data_s += plan_seconds * spec.batches / steps
+            loaded = trainer.load_batch(plan, 0)
+            flops, gemms = step_flops_and_gemms(lambda: trainer.train_step(*loaded))
+        finally:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        per_batch = (data_s + step_s) / spec.batches
+        achieved = flops / (step_s / spec.batches) if step_s > 0 else None
+        say("GEMM reference: replaying the step's matrix products")
+        gemm = gemm_throughput(gemms, device)
+        record["train"] = {
+            "batch_size": cfg.batch_size,
+            "timed_batches": spec.batches,
+            "seconds_per_batch": per_batch,
+            "step_seconds": step_s / spec.batches,
+            "data_seconds": data_s / spec.batches,
+            "data_share": data_s / (data_s + step_s),
+            "samples_per_second": cfg.batch_size / per_batch,
+            f"seconds_per_{EPOCH_BATCHES}_batch_epoch": per_batch * EPOCH_BATCHES,
+            "flops_per_step": flops,
+            "achieved_flops_per_s": achieved,
+            **gemm,
+            "fraction_of_gemm_throughput": (
+                achieved / gemm["model_shapes_flops_per_s"] if achieved and gemm["model_shapes_flops_per_s"] else None
+            ),
+            "fraction_of_square_gemm": achieved / gemm["square_1024_flops_per_s"] if achieved else None,
+        }
+
+        # ---- evaluation: every sample of val and test, the whole calibration grid
+        if spec.evaluate:
+            from avlowshot.eval import metrics
+
+            grid = metrics.beta_grid(cfg.beta_grid)
+            splits = [("val", ctx.protocol.stage1_val)] + [
+                (f"test{'' if i == 0 else i}", s) for i, s in enumerate(ctx.protocol.stage2_test)
+            ]
+            evals = {}
+            for name, split in splits:
+                say(f"evaluating {name} ({len(split.indices)} videos x {len(grid)} betas)")
+                _sync(device)
+                t0 = time.perf_counter()
+                evaluate_split(method, ctx.store, split, ctx.text, device, cfg.eval_batch_size, betas=grid)
+                _sync(device)
+                evals[name] = {"videos": len(split.indices), "seconds": time.perf_counter() - t0}
+            record["eval"] = {"betas": len(grid), "splits": evals}
+
+    record["memory"] = {
+        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_anon_bytes": anon.peak_kb * 1024 if anon.available else None,
+        "cuda_peak_allocated_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+    }
+    return record
+
+
+def write_record(record: dict[str, Any], path: Path) -> None:
+    from avlowshot.train.checkpoint import atomic_write_json
+
+    atomic_write_json(path, record)
+
+
+@contextlib.contextmanager
+def threads(n: int | None):
+    """Run with ``n`` torch intra-op threads (None: leave the default)."""
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

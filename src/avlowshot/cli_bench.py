@@ -1,0 +1,86 @@
+"""The ``bench`` command (registered on the main app by ``avlowshot.cli``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from avlowshot.cli_common import DATASET_HELP, LAYOUT_HELP, console, err_console, fail
+from avlowshot.errors import AvlowshotError
+
+
+def _si(value: float | None, unit: str) -> str:
+    if value is None:
+        return "n/a"
+    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.2f} {prefix}{unit}"
+    return f"{value:.2f} {unit}"
+
+
+def summary_table(rec: dict) -> Table:
+    d, t, m = rec["data"], rec["train"], rec["memory"]
+    table = Table(title=f"{rec['method']} on {rec['dataset']} {rec['layout']} x{rec['scale']:g}, {rec['device']}")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    rows = [
+        ("videos / classes", f"{d['videos']:,} / {d['classes']}"),
+        ("features", _si(d["feature_bytes"], "B")),
+        ("open (first / reopen)", f"{d['open_seconds']:.2f} s / {d['reopen_seconds']:.2f} s"),
+        ("trainable parameters", f"{rec['n_params']:,}"),
+        ("batch size", str(t["batch_size"])),
+        ("training step (data + step)", f"{t['seconds_per_batch'] * 1e3:.1f} ms"),
+        ("data path share", f"{100 * t['data_share']:.1f} %"),
+        ("samples / s", f"{t['samples_per_second']:.0f}"),
+        ("300-batch epoch", f"{t['seconds_per_300_batch_epoch']:.1f} s"),
+        ("FLOPs per step", _si(t["flops_per_step"], "FLOP")),
+        ("achieved", _si(t["achieved_flops_per_s"], "FLOP/s")),
+        ("GEMM, the step's shapes", _si(t["model_shapes_flops_per_s"], "FLOP/s")),
+        ("fraction of GEMM throughput", f"{100 * (t['fraction_of_gemm_throughput'] or 0):.1f} %"),
+    ]
+    for name, e in (rec.get("eval") or {}).get("splits", {}).items():
+        rows.append((f"eval {name} ({e['videos']:,} videos, {rec['eval']['betas']} betas)", f"{e['seconds']:.2f} s"))
+    rows.append(("peak RSS", _si(m["peak_rss_bytes"], "B")))
+    rows.append(("peak anonymous memory", _si(m["peak_anon_bytes"], "B")))
+    if m.get("cuda_peak_allocated_bytes") is not None:
+        rows.append(("peak CUDA memory", _si(m["cuda_peak_allocated_bytes"], "B")))
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("bench")
+    def bench_cmd(
+        method: str = typer.Option(..., help="Method name, e.g. avca."),
+        layout: str = typer.Option(..., help=LAYOUT_HELP),
+        dataset: str = typer.Option(..., help=DATASET_HELP),
+        scale: float = typer.Option(0.1, help="Synthetic benchmark size (1.0 = the real benchmark's size)."),
+        device: str = typer.Option("cpu", help="cpu | cuda"),
+        batches: int = typer.Option(20, help="Timed training steps (after 3 warm-up steps)."),
+        shots: int = typer.Option(None, help="GFSL: shots per novel class."),
+        set_: list[str] = typer.Option([], "--set", help="Override a config key, e.g. batch_size=64."),
+        seed: int = typer.Option(0, help="Seed of the synthetic benchmark and the model."),
+        threads: int = typer.Option(None, help="torch intra-op threads (default: torch's)."),
+        work_dir: Path = typer.Option(None, help="Where synthetic benchmarks and caches are kept and reused."),
+        out: Path = typer.Option(None, help="JSON record (default: <work-dir>/results/<name>.json)."),
+        no_eval: bool = typer.Option(False, "--no-eval", help="Skip the evaluation timing."),
+    ) -> None:
+        """Measure data loading, training throughput, FLOPs vs GEMM throughput, evaluation time and memory."""
+        from avlowshot import bench
+
+        spec = bench.BenchSpec(
+            method=method, layout=layout, dataset=dataset, scale=scale, device=device, batches=batches,
+            shots=shots, overrides=list(set_), seed=seed, work_dir=work_dir, evaluate=not no_eval,
+        )  # fmt: skip
+        try:
+            with bench.threads(threads):
+                record = bench.run_bench(spec, progress=lambda msg: err_console.print(f"[dim]{msg}[/]"))
+        except AvlowshotError as exc:
+            raise fail(exc) from None
+        path = out or (Path(work_dir) if work_dir else bench.default_work_dir()) / "results" / f"{spec.name}.json"
+        bench.write_record(record, path)
+        console.print(summary_table(record))
+        console.print(f"record: {path}")
