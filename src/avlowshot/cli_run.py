@@ -100,6 +100,7 @@ def register(app: typer.Typer) -> None:
                 feature_set=spec_layout.feature_set,
                 overrides=set_,
                 seed=seed,
+                shots=shots,
             )
             spec = protocol.RunSpec(
                 method=method,

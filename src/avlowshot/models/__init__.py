@@ -1,7 +1,8 @@
 """Methods: one file per method built from the shared layers, behind one interface (:class:`Method`)."""
 
 from avlowshot.models.avca import AVCA, AVCAConfig
-from avlowshot.models.base import InputDims, Method, count_parameters
+from avlowshot.models.avdiff import AVDiff, AVDiffConfig
+from avlowshot.models.base import InputDims, Method, Substage, count_parameters
 from avlowshot.models.clipclap import ClipClap, ClipClapConfig
 from avlowshot.models.registry import METHODS, build_method, config_model, validate_model_config
 from avlowshot.models.tcaf import TCAF, TCAFConfig
@@ -9,11 +10,14 @@ from avlowshot.models.tcaf import TCAF, TCAFConfig
 __all__ = [
     "AVCA",
     "AVCAConfig",
+    "AVDiff",
+    "AVDiffConfig",
     "ClipClap",
     "ClipClapConfig",
     "InputDims",
     "METHODS",
     "Method",
+    "Substage",
     "TCAF",
     "TCAFConfig",
     "build_method",

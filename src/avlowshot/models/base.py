@@ -17,6 +17,31 @@ from avlowshot.data.batching import Batch, SequenceWindow
 
 
 @dataclass(frozen=True)
+class Substage:
+    """One part of a method's training curriculum (:meth:`Method.curriculum`), run by the shared protocol in order.
+
+    ``novel_stream``: every iteration is a step on a batch of the base stream, then a step on a batch of the novel
+    stream (the few-shot samples; two optimiser steps; :meth:`Method.losses` gets ``stream="base"`` / ``"novel"``);
+    otherwise one stream of base classes only. :meth:`Method.enter_substage` (freezing) runs before training.
+    ``val_metric``: the validation score that selects the best epoch and drives the LR schedule (``"hm"`` or
+    ``"seen"`` = base accuracy); ``beta_grid``: the validation grid (``None``: the run's ``beta_grid``).
+    ``epochs_key``: the key of ``substage_epochs`` giving its stage-1 epochs (``None``: ``epochs``).
+    ``reset_optimizer``: a fresh Adam and schedule at the start; else the previous substage's optimiser state
+    carries over. ``reference_beta_from`` / ``reference_beta_zero_search``: what the reference does with the test
+    beta, reproduced under ``--compat official`` (last epoch's beta; a beta of 0 re-searched on the test set).
+    """
+
+    name: str
+    novel_stream: bool = False
+    val_metric: str = "hm"
+    beta_grid: str | None = None
+    epochs_key: str | None = None
+    reset_optimizer: bool = True
+    reference_beta_from: str | None = None
+    reference_beta_zero_search: bool = False
+
+
+@dataclass(frozen=True)
 class InputDims:
     """Feature dims of the benchmark a method is built for: audio, video and class-text embedding."""
 
@@ -44,6 +69,26 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
     needs_class_table: ClassVar[bool] = False
     """The trainer passes ``class_text`` [K, Dt] and ``class_ids`` [K] (every training class, ascending id) to
     :meth:`losses`, for losses that score each sample against all classes (e.g. a cross-entropy)."""
+
+    needs_label_space: ClassVar[bool] = False
+    """The method has a classifier over a fixed label space: it is built with ``classes=`` (global ids of the
+    stage's classes) and :meth:`encode_classes` gets ``class_ids`` of the split's classes."""
+
+    eval_phase: str = "test"
+    """``"val"`` while the trainer validates, ``"test"`` otherwise (methods with different val / test windows)."""
+
+    @classmethod
+    def curriculum(cls, cfg, compat: str = "none") -> list[Substage] | None:
+        """The substages of a method trained in parts (e.g. AV-DIFF's base / full), or ``None``: one stage."""
+        return None
+
+    def enter_substage(self, name: str) -> None:  # noqa: B027 - optional hook
+        """Called before a substage trains (e.g. to freeze parts of the model)."""
+
+    def stream_text(self, text: Tensor, labels) -> Tensor:
+        """The text table ``[K, Dt]`` of a novel stream whose samples have ``labels`` (store order); the run's
+        table by default (AV-DIFF's official mode pairs novel samples with another class's vector)."""
+        return text
 
     def __init__(self, config: BaseModel, dims: InputDims, compat: str = "none"):
         super().__init__()

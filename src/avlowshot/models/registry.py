@@ -9,11 +9,12 @@ from pydantic import BaseModel, ValidationError
 
 from avlowshot.errors import ConfigError
 from avlowshot.models.avca import AVCA
+from avlowshot.models.avdiff import AVDiff
 from avlowshot.models.base import InputDims, Method
 from avlowshot.models.clipclap import ClipClap
 from avlowshot.models.tcaf import TCAF
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (AVCA, ClipClap, TCAF)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (AVCA, AVDiff, ClipClap, TCAF)}
 
 
 def method_class(name: str) -> type[Method]:
@@ -46,11 +47,18 @@ def validate_model_config(name: str, model_config: Mapping[str, Any], source: st
 
 
 def build_method(
-    name: str, model_config: Mapping[str, Any] | BaseModel, dims: InputDims, compat: str = "none"
+    name: str,
+    model_config: Mapping[str, Any] | BaseModel,
+    dims: InputDims,
+    compat: str = "none",
+    classes=None,
 ) -> Method:
     """Build method ``name`` for inputs of ``dims`` from its model config (a mapping, or an already validated
-    instance of :func:`config_model`)."""
+    instance of :func:`config_model`). ``classes``: the label space (global ids) of methods with a classifier
+    (``needs_label_space``); ignored by the others."""
     cls = method_class(name)
     if not isinstance(model_config, cls.config_class):
         model_config = validate_model_config(name, model_config)
+    if cls.needs_label_space:
+        return cls(model_config, dims, compat=compat, classes=classes)
     return cls(model_config, dims, compat=compat)

@@ -63,6 +63,11 @@ class RunConfig(BaseModel):
     feature_set: str | None = Field(None, description="cls | main | clipclap (checked against the layout)")
     seed: int = Field(42, description="seed of model init, dropout and sampling (--seed overrides)")
     epochs: int = Field(50, ge=1, description="stage-1 epochs")
+    substage_epochs: dict[str, int] = Field(
+        default_factory=dict,
+        description="stage-1 epochs of the later substages of curriculum methods (AV-DIFF: full); the first "
+        "substage trains 'epochs'. --set substage_epochs.full=20",
+    )
     lr: float = Field(1e-3, gt=0)
     batch_size: int = Field(256, ge=1)
     n_batches: int = Field(500, ge=1, description="batches per epoch (class-balanced, with replacement)")
@@ -85,6 +90,7 @@ class RunConfig(BaseModel):
 
 
 TOP_LEVEL_KEYS = tuple(RunConfig.model_fields)
+MAPPING_KEYS = ("model", "substage_epochs")
 
 
 def _fmt_loc(loc: tuple) -> str:
@@ -130,8 +136,11 @@ def apply_overrides(raw: dict, items: list[str] | tuple[str, ...]) -> dict[str, 
         parts = key.split(".")
         if parts[0] not in TOP_LEVEL_KEYS:
             raise ConfigError(f"--set {item}: unknown key '{parts[0]}' (known: {', '.join(TOP_LEVEL_KEYS)})")
-        if len(parts) > 1 and parts[0] != "model":
-            raise ConfigError(f"--set {item}: '{parts[0]}' has no sub-keys (only model.<key>=... has)")
+        if len(parts) > 1 and parts[0] not in MAPPING_KEYS:
+            raise ConfigError(
+                f"--set {item}: '{parts[0]}' has no sub-keys "
+                f"(only {', '.join(k + '.<key>' for k in MAPPING_KEYS)} have)"
+            )
         node = raw
         for p in parts[:-1]:
             child = node.get(p)
@@ -202,11 +211,16 @@ def validate_config(
     return cfg
 
 
-def shipped_config(method: str, dataset: str, feature_set: str) -> Path:
-    """The shipped config of method x dataset x feature set: ``avlowshot/configs/<method>/<ds>-<fs>.yaml``."""
+def shipped_config(method: str, dataset: str, feature_set: str, shots: int | None = None) -> Path:
+    """The shipped config of method x dataset x feature set: ``avlowshot/configs/<method>/<ds>-<fs>.yaml``; with
+    ``shots``, ``<ds>-<fs>-<k>shot.yaml`` when the method ships one per shot setting (AV-DIFF), else the former."""
     base = resources.files("avlowshot").joinpath("configs", method)
     name = f"{dataset.lower()}-{feature_set}.yaml"
     path = base.joinpath(name)
+    if shots:
+        per_shot = base.joinpath(f"{dataset.lower()}-{feature_set}-{shots}shot.yaml")
+        if per_shot.is_file() or not path.is_file():
+            name, path = f"{dataset.lower()}-{feature_set}-{shots}shot.yaml", per_shot
     if not path.is_file():
         have = sorted(p.name for p in base.iterdir()) if base.is_dir() else []
         hint = f" (shipped for {method}: {', '.join(have)})" if have else f" (no config is shipped for '{method}')"
@@ -222,13 +236,14 @@ def load_config(
     feature_set: str | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     seed: int | None = None,
+    shots: int | None = None,
 ) -> RunConfig:
     """Load a YAML config (default: the shipped one for method x dataset x feature set), apply ``--set`` overrides
     and ``--seed``, validate, and check that it was made for this dataset and feature set."""
     if path is None:
         if method is None or dataset is None or feature_set is None:
             raise ConfigError("no --config given and no method/dataset/feature set to find the shipped one")
-        path = shipped_config(method, dataset, feature_set)
+        path = shipped_config(method, dataset, feature_set, shots)
     path = Path(path)
     raw = read_yaml(path)
     applied = apply_overrides(raw, list(overrides))

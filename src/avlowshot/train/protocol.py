@@ -9,6 +9,12 @@ Run directory ``<log-dir>/<method>_<dataset>_<layout>[_<k>shot]_seed<N>[_officia
     stage-2/          the same (GZSL); GFSL: stage-2/repeat-0/, repeat-1/, repeat-2/
     result.json       the result record (written by the eval part)
 
+Methods trained in substages (``Method.curriculum``, e.g. AV-DIFF: base, full) get one folder per substage:
+``stage-1/<substage>/`` for each, ``stage-2/<substage>/`` for every substage but the last, and the last substage
+per repeat in ``stage-2/repeat-r/``. A substage starts from the previous one's best (stage 1) or last (stage 2)
+checkpoint, optionally with its optimiser state; stage 2 trains each substage for its stage-1 best + 1 epochs and
+replays its stage-1 LR drops.
+
 Stage 1 trains on stage-1 train (GFSL: base + the stage-1 novel shots), validates on stage-1 val after every epoch
 and keeps the best epoch (strictly higher HM) and its beta. Stage 2 builds a fresh model with the same seed and
 trains on stage-2 train (GFSL: + the novel shots of the repeat) for best + 1 epochs. By default the learning-rate
@@ -131,17 +137,41 @@ class RunContext:
             self.load_seconds,
         )
 
-    def build(self):
-        """A fresh method, its init seeded by the run's seed (every stage and repeat starts from the same init)."""
+    def build(self, stage: int = 2):
+        """A fresh method, its init seeded by the run's seed (every stage and repeat starts from the same init).
+        Methods with a classifier get the label space of ``stage`` (1: stage-1 val classes, 2: test classes)."""
         from avlowshot.models import registry
         from avlowshot.models.base import InputDims
 
         seed_everything(self.cfg.seed)
         dims = InputDims(self.store.audio.dim, self.store.video.dim, int(self.text.shape[1]))
-        method = registry.build_method(self.cfg.method, dict(self.cfg.model), dims, self.compat)
+        method = registry.build_method(
+            self.cfg.method, dict(self.cfg.model), dims, self.compat, classes=self.label_space(stage)
+        )
         return method.to(self.device)
 
-    def trainer(self, method, out_dir: Path, name: str, stage: int, repeat: int = 0) -> Trainer:
+    def label_space(self, stage: int) -> np.ndarray:
+        p = self.protocol
+        return p.stage1_val.classes if stage == 1 else np.union1d(p.stage2_train.classes, p.stage2_test[0].classes)
+
+    @property
+    def curriculum(self):
+        """The method's substages (``Method.curriculum``), or None."""
+        from avlowshot.models import registry
+
+        subs = registry.method_class(self.cfg.method).curriculum(self.cfg, self.compat)
+        if subs and self.task != "gfsl":
+            raise ConfigError(
+                f"method '{self.cfg.method}' is a generalised few-shot method: pass --shots (1, 5, 10 or 20)"
+            )
+        return subs or None
+
+    def stage1_dir(self, run_dir: Path) -> Path:
+        """The stage-1 folder whose model gives beta (the last substage's for curriculum methods)."""
+        subs = self.curriculum
+        return run_dir / "stage-1" / subs[-1].name if subs else run_dir / "stage-1"
+
+    def trainer(self, method, out_dir: Path, name: str, stage: int, repeat: int = 0, substage=None) -> Trainer:
         return Trainer(
             method,
             self.store,
@@ -156,6 +186,7 @@ class RunContext:
             compat=self.compat,
             progress=self.progress,
             meta={"method": self.cfg.method, "version": __version__},
+            substage=substage,
         )
 
     def stage1_train_indices(self) -> np.ndarray:
@@ -275,7 +306,101 @@ def _now() -> str:
 # Stages
 
 
+def _substage_trainer(ctx: RunContext, stage: int, repeat: int, index: int, sub, out: Path, init, novel_idx):
+    """A fresh model for substage ``sub`` (number ``index``), started from ``init`` = (stage dir, checkpoint) of
+    the previous substage (model weights; optimiser state too unless ``sub.reset_optimizer``)."""
+    method = ctx.build(stage)
+    c = None
+    if init is not None:
+        c = ckpt.load_checkpoint(init[0] / init[1])
+        method.load_state_dict({k: v.to(ctx.device) for k, v in c.model_state().items()})
+    method.enter_substage(sub.name)
+    name = f"stage-{stage}/" + (sub.name if out.name == sub.name else out.name)
+    # distinct sampling streams per substage: repeat code 100 * substage index + repeat
+    trainer = ctx.trainer(method, out, name, stage=stage, repeat=100 * index + repeat, substage=sub)
+    if c is not None and not sub.reset_optimizer:
+        trainer.optimizer.load_state_dict(c.train_state()["optimizer"])
+    if novel_idx is not None:
+        trainer.novel_text = method.stream_text(ctx.text, ctx.store.labels.numpy()[novel_idx])
+    return trainer
+
+
+def substage_epochs(cfg: RunConfig, sub) -> int:
+    return cfg.epochs if sub.epochs_key is None else cfg.substage_epochs.get(sub.epochs_key, cfg.epochs)
+
+
+def run_curriculum_stage1(ctx: RunContext, run_dir: Path, *, resume: bool, on_epoch_end) -> list[StageOutcome]:
+    p = ctx.protocol
+    outcomes: list[StageOutcome] = []
+    prev_dir = None
+    for i, sub in enumerate(ctx.curriculum):
+        out = run_dir / "stage-1" / sub.name
+        done = read_summary(out)
+        if done is not None and resume:
+            log.info("stage-1/%s: finished before, skipped", sub.name)
+        else:
+            init = None if prev_dir is None else (prev_dir, outcomes[-1].checkpoint_best)
+            novel = p.stage1_novel.indices if sub.novel_stream else None
+            trainer = _substage_trainer(ctx, 1, 0, i, sub, out, init, novel)
+            done = trainer.fit(
+                p.stage1_train.indices,
+                substage_epochs(ctx.cfg, sub),
+                val=p.stage1_val,
+                select_best=True,
+                schedule="val",
+                resume=resume,
+                on_epoch_end=on_epoch_end,
+                novel_indices=novel,
+            )
+        outcomes.append(done)
+        prev_dir = out
+    return outcomes
+
+
+def run_curriculum_stage2(ctx: RunContext, run_dir: Path, *, resume: bool, on_epoch_end) -> list[StageOutcome]:
+    p, subs = ctx.protocol, ctx.curriculum
+    s1 = [read_summary(run_dir / "stage-1" / sub.name) for sub in subs]
+    if any(s is None for s in s1):
+        raise AvlowshotError(f"{run_dir / 'stage-1'}: stage 1 has not finished; run --run stage-1 (or all) first")
+    prev: tuple[Path, str] | None = None
+    for i, sub in enumerate(subs[:-1]):
+        out = run_dir / "stage-2" / sub.name
+        done = read_summary(out)
+        if done is None or not resume:
+            novel = p.stage2_novel[0].indices if sub.novel_stream else None
+            trainer = _substage_trainer(ctx, 2, 0, i, sub, out, prev, novel)
+            done = trainer.fit(
+                p.stage2_train.indices, s1[i].best_epoch + 1, schedule="replay", replay_drops=s1[i].lr_drops,
+                resume=resume, on_epoch_end=on_epoch_end, novel_indices=novel,
+            )  # fmt: skip
+        prev = (out, done.checkpoint_last)
+    outcomes = []
+    last, i = subs[-1], len(subs) - 1
+    for r, out in enumerate(ctx.stage2_dirs(run_dir)):
+        done = read_summary(out)
+        if done is not None and resume:
+            log.info("stage-2/repeat-%d: finished before, skipped", r)
+            outcomes.append(done)
+            continue
+        novel = p.stage2_novel[r].indices if last.novel_stream else None
+        trainer = _substage_trainer(ctx, 2, r, i, last, out, prev, novel)
+        outcomes.append(
+            trainer.fit(
+                p.stage2_train.indices,
+                s1[-1].best_epoch + 1,
+                schedule="replay",
+                replay_drops=s1[-1].lr_drops,
+                resume=resume,
+                on_epoch_end=on_epoch_end,
+                novel_indices=novel,
+            )  # fmt: skip
+        )
+    return outcomes
+
+
 def run_stage1(ctx: RunContext, run_dir: Path, *, resume: bool, on_epoch_end: EpochCallback | None) -> StageOutcome:
+    if ctx.curriculum:
+        return run_curriculum_stage1(ctx, run_dir, resume=resume, on_epoch_end=on_epoch_end)[-1]
     out = run_dir / "stage-1"
     done = read_summary(out)
     if done is not None and resume:
@@ -305,6 +430,8 @@ def stage2_schedule(cfg: RunConfig, compat: str) -> str:
 def run_stage2(
     ctx: RunContext, run_dir: Path, *, resume: bool, on_epoch_end: EpochCallback | None
 ) -> list[StageOutcome]:
+    if ctx.curriculum:
+        return run_curriculum_stage2(ctx, run_dir, resume=resume, on_epoch_end=on_epoch_end)
     s1 = read_summary(run_dir / "stage-1")
     if s1 is None:
         raise AvlowshotError(f"{run_dir / 'stage-1'}: stage 1 has not finished; run --run stage-1 (or all) first")
@@ -339,9 +466,9 @@ def run_stage2(
 # Evaluation and the result record
 
 
-def _load_model(ctx: RunContext, stage_dir: Path, rel: str):
+def _load_model(ctx: RunContext, stage_dir: Path, rel: str, stage: int = 2):
     c = ckpt.load_checkpoint(stage_dir / rel)
-    method = ctx.build()
+    method = ctx.build(stage)
     method.load_state_dict({k: v.to(ctx.device) for k, v in c.model_state().items()})
     method.eval()
     return method
@@ -368,22 +495,29 @@ def evaluate_stages(ctx: RunContext, run_dir: Path) -> dict[str, Any]:
     """Beta from the stage-1 model on val, then every stage-2 model on its test split. Returns the result fields
     that depend on the weights (metrics, beta, per-class accuracies)."""
     t0 = time.perf_counter()
-    s1 = read_summary(run_dir / "stage-1")
+    s1_dir = ctx.stage1_dir(run_dir)
+    s1 = read_summary(s1_dir)
     if s1 is None:
-        raise AvlowshotError(f"{run_dir / 'stage-1'}: stage 1 has not finished")
+        raise AvlowshotError(f"{s1_dir}: stage 1 has not finished")
+    last_sub = ctx.curriculum[-1] if ctx.curriculum else None
     s2 = [read_summary(d) for d in ctx.stage2_dirs(run_dir)]
     if any(s is None for s in s2):
         raise AvlowshotError(f"{run_dir / 'stage-2'}: stage 2 has not finished; run --run stage-2 first")
     cfg = ctx.cfg
     names = ctx.store.classes.names
-    rel = s1.checkpoint_best if cfg.beta_from == "best" else s1.checkpoint_last
-    model_a = _load_model(ctx, run_dir / "stage-1", rel)
+    beta_from = cfg.beta_from
+    if ctx.compat == "official" and last_sub is not None and last_sub.reference_beta_from:
+        beta_from = last_sub.reference_beta_from
+    grid = last_sub.beta_grid if last_sub is not None and last_sub.beta_grid else cfg.beta_grid
+    rel = s1.checkpoint_best if beta_from == "best" else s1.checkpoint_last
+    model_a = _load_model(ctx, s1_dir, rel, stage=1)
     val = ctx.protocol.stage1_val
+    model_a.eval_phase = "val"
     res_val = evaluate_split(
-        model_a, ctx.store, val, ctx.text, ctx.device, cfg.eval_batch_size, betas=metrics.beta_grid(cfg.beta_grid)
+        model_a, ctx.store, val, ctx.text, ctx.device, cfg.eval_batch_size, betas=metrics.beta_grid(grid)
     )
     beta = float(res_val.beta)
-    recorded = s1.beta_best if cfg.beta_from == "best" else s1.beta_last
+    recorded = s1.beta_best if beta_from == "best" else s1.beta_last
     if recorded is not None and abs(recorded - beta) > 1e-9:
         log.warning("stage-1 beta re-computed on val is %g; %g was recorded during training", beta, recorded)
     del model_a
@@ -392,7 +526,12 @@ def evaluate_stages(ctx: RunContext, run_dir: Path) -> dict[str, Any]:
     for r, (out, summ) in enumerate(zip(ctx.stage2_dirs(run_dir), s2, strict=True)):
         model_b = _load_model(ctx, out, summ.checkpoint_last)
         split = ctx.protocol.stage2_test[r]
-        res = evaluate_split(model_b, ctx.store, split, ctx.text, ctx.device, cfg.eval_batch_size, beta=beta_test)
+        if ctx.compat == "official" and last_sub is not None and last_sub.reference_beta_zero_search and not beta:
+            # the reference's ``if best_beta:`` treats 0.0 as unset and searches the grid on the test set
+            test_kw = {"betas": metrics.beta_grid(grid)}
+        else:
+            test_kw = {"beta": beta_test}
+        res = evaluate_split(model_b, ctx.store, split, ctx.text, ctx.device, cfg.eval_batch_size, **test_kw)
         tests.append(res)
         per_class.append(_per_class(res.per_class, names))
         per_class_zsl.append(_per_class(res.per_class_zsl, names))
@@ -452,7 +591,7 @@ def build_result(ctx: RunContext, run_dir: Path, evaluated: dict[str, Any]) -> d
     from avlowshot.models.base import count_parameters
 
     info, cfg = ctx.info, ctx.cfg
-    s1 = read_summary(run_dir / "stage-1")
+    s1 = read_summary(ctx.stage1_dir(run_dir))
     s2 = [read_summary(d) for d in ctx.stage2_dirs(run_dir)]
     method = ctx.build()
     n_trainable = int(count_parameters(method, trainable_only=True))
@@ -487,6 +626,25 @@ def build_result(ctx: RunContext, run_dir: Path, evaluated: dict[str, Any]) -> d
     result["per_class"] = evaluated["per_class"]
     result["per_class_zsl"] = evaluated["per_class_zsl"]
     result["timings"] = _timings(s1, s2, evaluated["eval_seconds"], ctx.task)
+    if ctx.curriculum:
+        subs: dict[str, Any] = {}
+        for sub in ctx.curriculum:
+            a = read_summary(run_dir / "stage-1" / sub.name)
+            b = read_summary(run_dir / "stage-2" / sub.name)
+            subs[sub.name] = {
+                "best_epoch": a.best_epoch,
+                "best_val": a.best_hm,
+                "val_metric": sub.val_metric,
+                "stage2_epochs": a.best_epoch + 1,
+                "lr_drops": a.lr_drops,
+                "seconds_stage1": a.seconds,
+                "seconds_stage2": None if b is None else b.seconds,
+            }
+        result["substages"] = subs
+        m = ctx.build()
+        m.enter_substage(ctx.curriculum[-1].name)
+        result["n_params_last_substage"] = int(count_parameters(m, trainable_only=True))
+        del m
     result["timings"]["load_data"] = ctx.load_seconds
     result["device"] = str(ctx.device)
     result["host"] = platform.node()

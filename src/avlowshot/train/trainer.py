@@ -103,7 +103,11 @@ def score_split(
     was_training = method.training
     method.eval()
     try:
-        class_codes = method.encode_classes(text[torch.as_tensor(classes, device=text.device)])
+        class_text = text[torch.as_tensor(classes, device=text.device)]
+        if getattr(method, "needs_label_space", False):  # classifier methods: scored at the split's columns
+            class_codes = method.encode_classes(class_text, class_ids=torch.as_tensor(classes, dtype=torch.int64))
+        else:
+            class_codes = method.encode_classes(class_text)
         scores = method.scores(codes, class_codes)
     finally:
         method.train(was_training)
@@ -213,6 +217,7 @@ class EpochPlan:
     draws: torch.Tensor | None  # [n_batches, B] uniform window-start draws
     negative_draws: torch.Tensor | None
     class_kwargs: dict[str, Any]
+    novel: EpochPlan | None = None  # substages with a novel stream: its own draws (after the base stream's)
 
 
 class Interrupted(Exception):
@@ -241,6 +246,7 @@ class Trainer:
         compat: str = "none",
         progress: bool = False,
         meta: dict[str, Any] | None = None,
+        substage=None,
     ):
         self.method = method
         self.store = store
@@ -255,8 +261,13 @@ class Trainer:
         self.compat = compat
         self.progress = progress
         self.meta = meta or {}
+        self.substage = substage  # models.base.Substage of a curriculum method, else None
+        self.novel_text: torch.Tensor | None = None  # text table of the novel stream (None: ``text``)
         self.checkpoints = self.out_dir / "checkpoints"
-        self.optimizer = torch.optim.Adam(list(method.trainable_parameters()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # A substage optimises every parameter (frozen ones get no gradient, so Adam skips them) so that its state
+        # can carry over between substages that freeze different parts.
+        params = list(method.parameters()) if substage is not None else list(method.trainable_parameters())
+        self.optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = None
         if cfg.lr_scheduler:
             self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -317,6 +328,7 @@ class Trainer:
         replay_drops: list[int] | tuple[int, ...] = (),
         resume: bool = False,
         on_epoch_end: EpochCallback | None = None,
+        novel_indices: np.ndarray | None = None,
     ) -> StageOutcome:
         """Train for ``epochs`` epochs on ``train_indices`` (store indices).
 
@@ -324,12 +336,26 @@ class Trainer:
         epoch by strictly higher HM. ``schedule``: ``"val"`` steps ReduceLROnPlateau on the val HM (needs ``val``),
         ``"replay"`` multiplies the LR by ``lr_factor`` after each epoch in ``replay_drops``, ``"none"`` keeps it.
         With ``cfg.lr_scheduler`` false the LR never changes.
+
+        With a ``substage`` (curriculum methods): ``novel_indices`` is the novel stream of a ``novel_stream``
+        substage (every iteration: one step on a base batch, one on a novel batch); validation uses the substage's
+        grid and metric (``val_metric``) for best-epoch selection and the schedule.
         """
         if schedule == "val" and val is None:
             raise ValueError("schedule='val' needs a validation split")
         cfg = self.cfg
         sampler = ClassBalancedSampler(self.store.labels.numpy(), train_indices, cfg.batch_size, cfg.n_batches)
-        betas = metrics.beta_grid(cfg.beta_grid) if val is not None else None
+        sub = self.substage
+        novel_sampler = None
+        if sub is not None and sub.novel_stream:
+            if novel_indices is None:
+                raise ValueError(f"substage {sub.name!r} needs novel_indices")
+            novel_sampler = ClassBalancedSampler(
+                self.store.labels.numpy(), novel_indices, cfg.batch_size, cfg.n_batches
+            )
+        grid = sub.beta_grid if sub is not None and sub.beta_grid else cfg.beta_grid
+        val_key = sub.val_metric if sub is not None else "hm"
+        betas = metrics.beta_grid(grid) if val is not None else None
         official_best = self.compat == "official"
         drops = set(int(e) for e in replay_drops)
 
@@ -351,26 +377,30 @@ class Trainer:
         t_stage = time.perf_counter()
         try:
             for epoch in range(start, epochs):
-                record = self._epoch(sampler, epoch, epochs)
+                record = self._epoch(sampler, epoch, epochs, novel_sampler)
                 lr_used = self._lr()
                 val_rec = None
                 if val is not None:
                     t0 = time.perf_counter()
-                    res = evaluate_split(
-                        self.method, self.store, val, self.text, self.device, cfg.eval_batch_size, betas=betas
-                    )
+                    self.method.eval_phase = "val"
+                    try:
+                        res = evaluate_split(
+                            self.method, self.store, val, self.text, self.device, cfg.eval_batch_size, betas=betas
+                        )
+                    finally:
+                        self.method.eval_phase = "test"
                     val_rec = metric_record(res)
                     record["time_val"] = time.perf_counter() - t0
                     record["val"] = val_rec
                     book["beta_last"] = val_rec["beta"]
                     if select_best:
                         best = book["best_hm"]
-                        if best is None or val_rec["hm"] > best or (official_best and not best):
-                            book["best_epoch"], book["best_hm"] = epoch, val_rec["hm"]
+                        if best is None or val_rec[val_key] > best or (official_best and not best):
+                            book["best_epoch"], book["best_hm"] = epoch, val_rec[val_key]
                             book["beta_best"] = val_rec["beta"]
                 if cfg.lr_scheduler and self.scheduler is not None:
                     if schedule == "val":
-                        self.scheduler.step(val_rec["hm"])
+                        self.scheduler.step(val_rec[val_key])
                     elif schedule == "replay" and epoch in drops:
                         for g in self.optimizer.param_groups:
                             g["lr"] = g["lr"] * cfg.lr_factor
@@ -406,11 +436,20 @@ class Trainer:
         ckpt.atomic_write_json(self.out_dir / "summary.json", outcome.to_json())
         return outcome
 
-    def plan_epoch(self, sampler: ClassBalancedSampler, epoch: int) -> EpochPlan:
+    def plan_epoch(
+        self, sampler: ClassBalancedSampler, epoch: int, novel_sampler: ClassBalancedSampler | None = None
+    ) -> EpochPlan:
         """Every random draw of one epoch, from one generator seeded by (seed, stage, repeat, epoch): the batch
-        indices, then the negatives (methods that need them), then the window starts (methods with a window)."""
-        method = self.method
+        indices, then the negatives (methods that need them), then the window starts (methods with a window);
+        then the same for the novel stream, if any."""
         gen = torch.Generator().manual_seed(epoch_seed(self.seed, self.stage, self.repeat, epoch))
+        plan = self._plan(sampler, gen)
+        if novel_sampler is not None:
+            plan.novel = self._plan(novel_sampler, gen)
+        return plan
+
+    def _plan(self, sampler: ClassBalancedSampler, gen: torch.Generator) -> EpochPlan:
+        method = self.method
         idx = sampler.epoch(gen)  # [n_batches, B]
         neg = None
         if method.needs_negatives:
@@ -428,9 +467,12 @@ class Trainer:
             class_kwargs = {"class_text": self.text[class_ids], "class_ids": class_ids}
         return EpochPlan(idx, neg, window, draws, neg_draws, class_kwargs)
 
-    def load_batch(self, plan: EpochPlan, b: int) -> tuple[Batch, torch.Tensor, dict[str, Any]]:
-        """The data path of batch ``b``: gather (pad / window, masks) and move to the device; its text rows and
-        the extra arguments of ``losses``."""
+    def load_batch(
+        self, plan: EpochPlan, b: int, text: torch.Tensor | None = None
+    ) -> tuple[Batch, torch.Tensor, dict[str, Any]]:
+        """The data path of batch ``b``: gather (pad / window, masks) and move to the device; its text rows (from
+        ``text``, default the run's table) and the extra arguments of ``losses``."""
+        text = self.text if text is None else text
         batch = gather(self.store, plan.indices[b], plan.window, None if plan.draws is None else plan.draws[b])
         batch = batch.to(self.device, non_blocking=True)
         kwargs = dict(plan.class_kwargs)
@@ -438,7 +480,7 @@ class Trainer:
             draws = None if plan.negative_draws is None else plan.negative_draws[b]
             nb = gather(self.store, plan.negatives[b], plan.window, draws).to(self.device, non_blocking=True)
             kwargs.update(negative=nb, negative_text=self.text[nb.labels])
-        return batch, self.text[batch.labels], kwargs
+        return batch, text[batch.labels], kwargs
 
     def train_step(self, batch: Batch, text: torch.Tensor, kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
         """One optimiser step; returns the detached loss terms."""
@@ -449,16 +491,31 @@ class Trainer:
         self.method.after_step(batch, text)
         return {k: v.detach() for k, v in losses.items()}
 
-    def _epoch(self, sampler: ClassBalancedSampler, epoch: int, epochs: int) -> dict[str, Any]:
+    def _epoch(
+        self, sampler: ClassBalancedSampler, epoch: int, epochs: int, novel_sampler: ClassBalancedSampler | None = None
+    ) -> dict[str, Any]:
         cfg = self.cfg
         t0 = time.perf_counter()
         self.method.train()
-        plan = self.plan_epoch(sampler, epoch)
+        plan = self.plan_epoch(sampler, epoch, novel_sampler)
+        sub = self.substage
         sums: dict[str, torch.Tensor] = {}
         bar = _bar(cfg.n_batches, f"{self.name} {epoch + 1}/{epochs}", self.progress)
         try:
             for b in range(cfg.n_batches):
-                losses = self.train_step(*self.load_batch(plan, b))
+                if sub is None:
+                    losses = self.train_step(*self.load_batch(plan, b))
+                else:
+                    batch, text, kwargs = self.load_batch(plan, b)
+                    losses = self.train_step(batch, text, {**kwargs, "stream": "base"})
+                    if plan.novel is not None:
+                        batch, text, kwargs = self.load_batch(plan.novel, b, self.novel_text)
+                        novel = self.train_step(batch, text, {**kwargs, "stream": "novel"})
+                        losses = {
+                            **{f"base_{k}": v for k, v in losses.items()},
+                            **{f"novel_{k}": v for k, v in novel.items()},
+                        }
+                        losses["loss"] = losses["base_loss"] + losses["novel_loss"]
                 for k, v in losses.items():
                     sums[k] = sums[k] + v if k in sums else v.clone()
                 if bar is not None:
