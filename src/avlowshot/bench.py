@@ -242,6 +242,7 @@ def run_bench(spec: BenchSpec, progress=None) -> dict[str, Any]:
         feature_set=layout.feature_set,
         overrides=list(spec.overrides),
         seed=spec.seed,
+        shots=spec.shots,
     )
     record: dict[str, Any] = {
         "method": spec.method,
@@ -284,13 +285,21 @@ def run_bench(spec: BenchSpec, progress=None) -> dict[str, Any]:
         }
 
         # ---- training
-        method = ctx.build()
+        # curriculum methods (AV-DIFF): the first substage, where the whole model trains
+        subs = ctx.curriculum
+        substage = subs[0] if subs else None
+        method = ctx.build(1)
+        extra: dict[str, Any] = {}
+        if substage is not None:
+            method.enter_substage(substage.name)
+            extra = {"stream": "base"}
+        record["substage"] = None if substage is None else substage.name
         record["n_params"] = int(count_parameters(method, trainable_only=True))
         steps = spec.warmup + spec.batches
         cfg_bench = cfg.model_copy(update={"n_batches": steps})
         out_dir = Path(tempfile.mkdtemp(prefix="avlowshot-bench-"))
         try:
-            trainer = ctx.trainer(method, out_dir, "bench", stage=1)
+            trainer = ctx.trainer(method, out_dir, "bench", stage=1, substage=substage)
             trainer.cfg = cfg_bench
             train_idx = ctx.stage1_train_indices()
             labels = ctx.store.labels.numpy()
@@ -304,10 +313,10 @@ def run_bench(spec: BenchSpec, progress=None) -> dict[str, Any]:
             for b in range(steps):
                 _sync(device)
                 t0 = time.perf_counter()
-                loaded = trainer.load_batch(plan, b)
+                batch, text, kwargs = trainer.load_batch(plan, b)
                 _sync(device)
                 t1 = time.perf_counter()
-                trainer.train_step(*loaded)
+                trainer.train_step(batch, text, {**kwargs, **extra})
                 _sync(device)
                 t2 = time.perf_counter()
                 if b >= spec.warmup:
@@ -315,8 +324,8 @@ def run_bench(spec: BenchSpec, progress=None) -> dict[str, Any]:
                     step_s += t2 - t1
             # the plan covers `steps` batches; charge the timed ones their share
             data_s += plan_seconds * spec.batches / steps
-            loaded = trainer.load_batch(plan, 0)
-            flops, gemms = step_flops_and_gemms(lambda: trainer.train_step(*loaded))
+            batch, text, kwargs = trainer.load_batch(plan, 0)
+            flops, gemms = step_flops_and_gemms(lambda: trainer.train_step(batch, text, {**kwargs, **extra}))
         finally:
             shutil.rmtree(out_dir, ignore_errors=True)
         per_batch = (data_s + step_s) / spec.batches
@@ -350,11 +359,14 @@ def run_bench(spec: BenchSpec, progress=None) -> dict[str, Any]:
                 (f"test{'' if i == 0 else i}", s) for i, s in enumerate(ctx.protocol.stage2_test)
             ]
             evals = {}
+            # a classifier's label space differs between stages (AV-DIFF): test with a stage-2 model
+            test_method = ctx.build(2) if substage is not None else method
             for name, split in splits:
+                model = method if name == "val" else test_method
                 say(f"evaluating {name} ({len(split.indices)} videos x {len(grid)} betas)")
                 _sync(device)
                 t0 = time.perf_counter()
-                evaluate_split(method, ctx.store, split, ctx.text, device, cfg.eval_batch_size, betas=grid)
+                evaluate_split(model, ctx.store, split, ctx.text, device, cfg.eval_batch_size, betas=grid)
                 _sync(device)
                 evals[name] = {"videos": len(split.indices), "seconds": time.perf_counter() - t0}
             record["eval"] = {"betas": len(grid), "splits": evals}
