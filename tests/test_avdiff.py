@@ -243,3 +243,18 @@ def test_resume_equals_uninterrupted(synth_root, tmp_path):
         assert resumed["metrics"] == whole["metrics"] and resumed["per_class"] == whole["per_class"]
         assert resumed["substages"]["base"]["best_epoch"] == whole["substages"]["base"]["best_epoch"]
     assert math.isfinite(whole["metrics"]["fsl"])
+
+
+def test_validation_windows_follow_the_compat_mode():
+    """ActivityNet: the reference validates stage 1 on 30-row windows and tests on 300; the default uses 300."""
+    from avlowshot.data.batching import SequenceWindow
+
+    windows = {"train_window": 60, "val_window": 30, "test_window": 300}
+    cfg = {"transformer_depth": 3, "layer_change_attention": 2, "diffusion_steps": 100, **windows}
+    fixed = build_method("avdiff", cfg, DIMS, classes=np.arange(5))
+    official = build_method("avdiff", cfg, DIMS, compat="official", classes=np.arange(5))
+    assert fixed.sequence_window(True) == SequenceWindow(60)
+    assert fixed.sequence_window(False, phase="val") == SequenceWindow(300)
+    assert fixed.sequence_window(False, phase="test") == SequenceWindow(300)
+    assert official.sequence_window(False, phase="val") == SequenceWindow(30, official=True)
+    assert official.sequence_window(False, phase="test") == SequenceWindow(300, official=True)

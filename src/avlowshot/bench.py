@@ -366,7 +366,8 @@ def run_bench(spec: BenchSpec, progress=None) -> dict[str, Any]:
                 say(f"evaluating {name} ({len(split.indices)} videos x {len(grid)} betas)")
                 _sync(device)
                 t0 = time.perf_counter()
-                evaluate_split(model, ctx.store, split, ctx.text, device, cfg.eval_batch_size, betas=grid)
+                phase = "val" if name == "val" else "test"
+                evaluate_split(model, ctx.store, split, ctx.text, device, cfg.eval_batch_size, betas=grid, phase=phase)
                 _sync(device)
                 evals[name] = {"videos": len(split.indices), "seconds": time.perf_counter() - t0}
             record["eval"] = {"betas": len(grid), "splits": evals}

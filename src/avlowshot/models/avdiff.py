@@ -316,13 +316,11 @@ class AVDiff(Method):
                     mod.eval()
         return self
 
-    eval_phase: str = "test"
-
-    def sequence_window(self, training: bool) -> SequenceWindow | None:
+    def sequence_window(self, training: bool, phase: str = "test") -> SequenceWindow | None:
         c = self.config
         if training:
             length = c.train_window
-        elif self.official and self.eval_phase == "val":
+        elif self.official and phase == "val":
             length = c.val_window
         else:
             length = c.test_window

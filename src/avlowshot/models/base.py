@@ -74,9 +74,6 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
     """The method has a classifier over a fixed label space: it is built with ``classes=`` (global ids of the
     stage's classes) and :meth:`encode_classes` gets ``class_ids`` of the split's classes."""
 
-    eval_phase: str = "test"
-    """``"val"`` while the trainer validates, ``"test"`` otherwise (methods with different val / test windows)."""
-
     @classmethod
     def curriculum(cls, cfg, compat: str = "none") -> list[Substage] | None:
         """The substages of a method trained in parts (e.g. AV-DIFF's base / full), or ``None``: one stage."""
@@ -110,9 +107,10 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
         negative's label.
         """
 
-    def sequence_window(self, training: bool) -> SequenceWindow | None:
+    def sequence_window(self, training: bool, phase: str = "test") -> SequenceWindow | None:
         """Fixed collation window of temporal batches (random starts in training, centred in evaluation), or
-        ``None`` to pad each batch to its longest sequence."""
+        ``None`` to pad each batch to its longest sequence. ``phase`` (evaluation only): ``"val"`` when scoring the
+        validation split, ``"test"`` otherwise (methods whose reference uses other windows on val)."""
         return None
 
     def after_step(self, batch: Batch, text: Tensor) -> None:  # noqa: B027 - optional hook, no-op by default

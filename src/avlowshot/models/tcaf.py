@@ -140,7 +140,7 @@ class TCAF(Method):
     # ------------------------------------------------------------------------------------------------------------
     # Collation hook (trainer.sequence_window)
 
-    def sequence_window(self, training: bool) -> SequenceWindow | None:
+    def sequence_window(self, training: bool, phase: str = "test") -> SequenceWindow | None:
         length = self.config.train_window if training else self.config.test_window
         return None if length is None else SequenceWindow(length, official=self.official)
 

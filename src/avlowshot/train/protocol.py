@@ -512,9 +512,8 @@ def evaluate_stages(ctx: RunContext, run_dir: Path) -> dict[str, Any]:
     rel = s1.checkpoint_best if beta_from == "best" else s1.checkpoint_last
     model_a = _load_model(ctx, s1_dir, rel, stage=1)
     val = ctx.protocol.stage1_val
-    model_a.eval_phase = "val"
     res_val = evaluate_split(
-        model_a, ctx.store, val, ctx.text, ctx.device, cfg.eval_batch_size, betas=metrics.beta_grid(grid)
+        model_a, ctx.store, val, ctx.text, ctx.device, cfg.eval_batch_size, betas=metrics.beta_grid(grid), phase="val"
     )
     beta = float(res_val.beta)
     recorded = s1.beta_best if beta_from == "best" else s1.beta_last

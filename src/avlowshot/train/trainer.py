@@ -72,11 +72,13 @@ def resolve_device(name: str) -> torch.device:
 
 
 @torch.no_grad()
-def encode_samples(method, store: FeatureStore, indices: np.ndarray, device: torch.device, batch_size: int):
+def encode_samples(
+    method, store: FeatureStore, indices: np.ndarray, device: torch.device, batch_size: int, phase: str = "test"
+):
     """Sample codes of ``indices`` in order, in eval mode, ``batch_size`` at a time."""
     was_training = method.training
     method.eval()
-    window = method.sequence_window(training=False)
+    window = method.sequence_window(training=False, phase=phase)
     try:
         parts = []
         for start in range(0, len(indices), batch_size):
@@ -95,16 +97,23 @@ def encode_samples(method, store: FeatureStore, indices: np.ndarray, device: tor
 
 @torch.no_grad()
 def score_split(
-    method, store: FeatureStore, split: EvalSplit, text: torch.Tensor, device: torch.device, batch_size: int
+    method,
+    store: FeatureStore,
+    split: EvalSplit,
+    text: torch.Tensor,
+    device: torch.device,
+    batch_size: int,
+    phase: str = "test",
 ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    """(scores ``[N, C]`` on CPU with columns = split classes in ascending global id, labels ``[N]``, classes)."""
+    """(scores ``[N, C]`` on CPU with columns = split classes in ascending global id, labels ``[N]``, classes).
+    ``phase``: ``"val"`` or ``"test"``, passed to the method's evaluation window."""
     classes = split.classes  # ascending global ids
-    codes = encode_samples(method, store, split.indices, device, batch_size)
+    codes = encode_samples(method, store, split.indices, device, batch_size, phase)
     was_training = method.training
     method.eval()
     try:
         class_text = text[torch.as_tensor(classes, device=text.device)]
-        if getattr(method, "needs_label_space", False):  # classifier methods: scored at the split's columns
+        if method.needs_label_space:  # classifier methods: scored at the split's columns
             class_codes = method.encode_classes(class_text, class_ids=torch.as_tensor(classes, dtype=torch.int64))
         else:
             class_codes = method.encode_classes(class_text)
@@ -125,9 +134,11 @@ def evaluate_split(
     *,
     betas: torch.Tensor | None = None,
     beta: float | None = None,
+    phase: str = "test",
 ):
-    """Seen / unseen / HM / ZSL (or base / novel / HM / FSL) of ``method`` on ``split`` (``metrics.evaluate``)."""
-    scores, labels, classes = score_split(method, store, split, text, device, batch_size)
+    """Seen / unseen / HM / ZSL (or base / novel / HM / FSL) of ``method`` on ``split`` (``metrics.evaluate``);
+    ``phase="val"`` for the validation split."""
+    scores, labels, classes = score_split(method, store, split, text, device, batch_size, phase)
     return metrics.evaluate(
         scores,
         labels,
@@ -382,13 +393,10 @@ class Trainer:
                 val_rec = None
                 if val is not None:
                     t0 = time.perf_counter()
-                    self.method.eval_phase = "val"
-                    try:
-                        res = evaluate_split(
-                            self.method, self.store, val, self.text, self.device, cfg.eval_batch_size, betas=betas
-                        )
-                    finally:
-                        self.method.eval_phase = "test"
+                    res = evaluate_split(
+                        self.method, self.store, val, self.text, self.device, cfg.eval_batch_size, betas=betas,
+                        phase="val",
+                    )  # fmt: skip
                     val_rec = metric_record(res)
                     record["time_val"] = time.perf_counter() - t0
                     record["val"] = val_rec
