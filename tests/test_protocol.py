@@ -218,3 +218,20 @@ def test_gfsl_run_reports_each_repeat_and_mean_std(ucf, tmp_path):
     assert rec["metrics"]["hm"] == pytest.approx(2 * b * n / (b + n), rel=1e-6)  # HM of the means, as AV-DIFF
     assert b > 3 * 100 / len(rec["per_class"][0]) and n > 3 * 100 / len(rec["per_class"][0])
     assert "repeat 2" in res.output and "±" in res.output
+
+
+def test_substage_epochs_must_name_a_substage():
+    with pytest.raises(ConfigError, match="substage_epochs.full.*no substages"):
+        load_config(None, method="avca", dataset="UCF", feature_set="cls", overrides=["substage_epochs.full=3"])
+    with pytest.raises(ConfigError, match=r"--set substage_epochs.fulll=3.*unknown substage \(known: full\)"):
+        load_config(
+            None, method="avdiff", dataset="UCF", feature_set="cls", shots=5, overrides=["substage_epochs.fulll=3"]
+        )
+    with pytest.raises(ConfigError, match=">= 1"):
+        load_config(
+            None, method="avdiff", dataset="UCF", feature_set="cls", shots=5, overrides=["substage_epochs.full=0"]
+        )
+    cfg = load_config(
+        None, method="avdiff", dataset="UCF", feature_set="cls", shots=5, overrides=["substage_epochs.full=2"]
+    )
+    assert cfg.substage_epochs["full"] == 2

@@ -208,7 +208,24 @@ def validate_config(
     except ValidationError as exc:
         _raise_validation(exc, source, overrides, prefix="model.")
     cfg.model = model.model_dump(mode="json")
+    _check_substage_epochs(cfg, source, overrides)
     return cfg
+
+
+def _check_substage_epochs(cfg: RunConfig, source: str, overrides: dict[str, str]) -> None:
+    """``substage_epochs`` may only name the later substages of the method's curriculum, with epochs >= 1."""
+    from avlowshot.models import registry
+
+    subs = registry.method_class(cfg.method).curriculum(cfg, "none") or []
+    known = sorted({s.epochs_key for s in subs if s.epochs_key})
+    for key, epochs in cfg.substage_epochs.items():
+        dotted = f"substage_epochs.{key}"
+        where = f"--set {dotted}={overrides[dotted]}" if dotted in overrides else source
+        if key not in known:
+            have = f"known: {', '.join(known)}" if known else f"method '{cfg.method}' has no substages"
+            raise ConfigError(f"{where}: '{dotted}': unknown substage ({have})")
+        if epochs < 1:
+            raise ConfigError(f"{where}: '{dotted}': must be >= 1, got {epochs}")
 
 
 def shipped_config(method: str, dataset: str, feature_set: str, shots: int | None = None) -> Path:
