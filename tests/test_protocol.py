@@ -235,3 +235,16 @@ def test_substage_epochs_must_name_a_substage():
         None, method="avdiff", dataset="UCF", feature_set="cls", shots=5, overrides=["substage_epochs.full=2"]
     )
     assert cfg.substage_epochs["full"] == 2
+
+
+def test_prefetching_changes_no_number(ucf, tmp_path):
+    """The background gather of the next batch (``prefetch``) yields the same batches: same losses, same metrics."""
+    cache = tmp_path / "cache"
+    on = protocol.run(_spec(ucf, tmp_path / "on", cache, sets=[*QUICK, "prefetch=always", "epochs=2"]), parts="stage-1")
+    off = protocol.run(
+        _spec(ucf, tmp_path / "off", cache, sets=[*QUICK, "prefetch=never", "epochs=2"]), parts="stage-1"
+    )
+    assert on is None and off is None
+    hist = [json.loads(next((tmp_path / d).rglob("history.json")).read_text()) for d in ("on", "off")]
+    assert [h["train"] for h in hist[0]] == [h["train"] for h in hist[1]]
+    assert [h["val"] for h in hist[0]] == [h["val"] for h in hist[1]]

@@ -86,6 +86,11 @@ class RunConfig(BaseModel):
         "The default mode always replays the stage-1 drops.",
     )
     eval_batch_size: int = Field(1024, ge=1)
+    prefetch: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="gather the next training batch on a thread while this one trains; auto: on when the features "
+        "exceed half of the RAM (disk reads to hide), off otherwise (on 2 cores the thread costs more than it saves)",
+    )
     model: dict[str, Any] = Field(default_factory=dict, description="method-specific, validated by its schema")
 
 

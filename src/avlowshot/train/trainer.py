@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -499,6 +501,55 @@ class Trainer:
         self.method.after_step(batch, text)
         return {k: v.detach() for k, v in losses.items()}
 
+    def load_iteration(self, plan: EpochPlan, b: int) -> list[tuple[Batch, torch.Tensor, dict[str, Any]]]:
+        """The batches of iteration ``b``: one, or for a substage with a novel stream the base and the novel batch
+        (each with its ``stream`` argument)."""
+        if self.substage is None:
+            return [self.load_batch(plan, b)]
+        batch, text, kwargs = self.load_batch(plan, b)
+        items = [(batch, text, {**kwargs, "stream": "base"})]
+        if plan.novel is not None:
+            batch, text, kwargs = self.load_batch(plan.novel, b, self.novel_text)
+            items.append((batch, text, {**kwargs, "stream": "novel"}))
+        return items
+
+    def train_iteration(self, items: list[tuple[Batch, torch.Tensor, dict[str, Any]]]) -> dict[str, torch.Tensor]:
+        """One optimiser step per batch of the iteration; the loss terms (prefixed per stream when two)."""
+        if len(items) == 1:
+            return self.train_step(*items[0])
+        base, novel = (self.train_step(*item) for item in items)
+        losses = {**{f"base_{k}": v for k, v in base.items()}, **{f"novel_{k}": v for k, v in novel.items()}}
+        losses["loss"] = losses["base_loss"] + losses["novel_loss"]
+        return losses
+
+    def prefetching(self) -> bool:
+        """``cfg.prefetch``; ``auto`` = on when the features are larger than half of the physical memory.
+        Measured on full-size VGGSound tcaf-cls (23 GB, cold page cache): 1.08 -> 0.84 s per step; on features
+        that fit in RAM the thread slowed AVCA's steps by 25 % on 2 cores."""
+        if self.cfg.prefetch != "auto":
+            return self.cfg.prefetch == "always"
+        try:
+            ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return False
+        return self.store.audio.data.nbytes + self.store.video.data.nbytes > ram // 2
+
+    def iterations(self, plan: EpochPlan, n: int):
+        """The loaded batches of iterations ``0..n-1`` in order. With prefetching (``cfg.prefetch``) the next
+        iteration is gathered on a background thread while the current one trains, so reading memory-mapped
+        features (page faults, disk) overlaps the computation; the batches are the same either way."""
+        if not self.prefetching() or n < 2:
+            for b in range(n):
+                yield self.load_iteration(plan, b)
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="avlowshot-data") as pool:
+            pending = pool.submit(self.load_iteration, plan, 0)
+            for b in range(n):
+                items = pending.result()
+                if b + 1 < n:
+                    pending = pool.submit(self.load_iteration, plan, b + 1)
+                yield items
+
     def _epoch(
         self, sampler: ClassBalancedSampler, epoch: int, epochs: int, novel_sampler: ClassBalancedSampler | None = None
     ) -> dict[str, Any]:
@@ -506,24 +557,11 @@ class Trainer:
         t0 = time.perf_counter()
         self.method.train()
         plan = self.plan_epoch(sampler, epoch, novel_sampler)
-        sub = self.substage
         sums: dict[str, torch.Tensor] = {}
         bar = _bar(cfg.n_batches, f"{self.name} {epoch + 1}/{epochs}", self.progress)
         try:
-            for b in range(cfg.n_batches):
-                if sub is None:
-                    losses = self.train_step(*self.load_batch(plan, b))
-                else:
-                    batch, text, kwargs = self.load_batch(plan, b)
-                    losses = self.train_step(batch, text, {**kwargs, "stream": "base"})
-                    if plan.novel is not None:
-                        batch, text, kwargs = self.load_batch(plan.novel, b, self.novel_text)
-                        novel = self.train_step(batch, text, {**kwargs, "stream": "novel"})
-                        losses = {
-                            **{f"base_{k}": v for k, v in losses.items()},
-                            **{f"novel_{k}": v for k, v in novel.items()},
-                        }
-                        losses["loss"] = losses["base_loss"] + losses["novel_loss"]
+            for b, items in enumerate(self.iterations(plan, cfg.n_batches)):
+                losses = self.train_iteration(items)
                 for k, v in losses.items():
                     sums[k] = sums[k] + v if k in sums else v.clone()
                 if bar is not None:
