@@ -56,13 +56,7 @@ from torch import Tensor, nn
 
 from avlowshot.data.batching import Batch, SequenceWindow
 from avlowshot.models.base import InputDims, Method, Substage
-from avlowshot.models.layers import (
-    AudioVisualEmbedding,
-    EmbeddingNet,
-    SharedNormTransformer,
-    layer_masks,
-    token_attention_mask,
-)
+from avlowshot.models.layers import EmbeddingNet, layer_masks, token_attention_mask, token_fusion
 
 CLS, AUDIO, VIDEO = 0, 1, 2  # token kinds of the attention masks
 
@@ -243,21 +237,7 @@ class AVDiff(Method):
         # Construction order = the reference's (specs §3.11), so a seeded init draws the same numbers.
         self.A_enc = EmbeddingNet(dims.audio, d, c.embedding_dropout, c.embeddings_hidden_size, hidden_bn=bn)
         self.V_enc = EmbeddingNet(dims.video, d, c.embedding_dropout, c.embeddings_hidden_size, hidden_bn=bn)
-        self.cls_token = nn.Parameter(torch.randn(1, 1, d))
-        self.position_encoder_block = AudioVisualEmbedding(
-            d,
-            d,
-            d,
-            c.transformer_embedding_dim,
-            c.transformer_embedding_dropout,
-            embed_modality=c.transformer_embedding_modality,
-            time_embed=c.transformer_embedding_time_embed_type,
-            fourier_scale=c.transformer_embedding_fourier_scale,
-        )
-        self.Audio_visual_transformer = SharedNormTransformer(
-            d, c.transformer_depth, c.transformer_heads, c.transformer_dim_head, c.transformer_mlp_dim,
-            c.transformer_dropout,
-        )  # fmt: skip
+        self.cls_token, self.position_encoder_block, self.Audio_visual_transformer = token_fusion(c, d, d)
         self.classifier = nn.Linear(o, len(self.label_space))
         self.O_proj = EmbeddingNet(d, o, c.decoder_dropout, c.decoder_hidden_size, hidden_bn=bn)
         self.generator = EpsilonNet(

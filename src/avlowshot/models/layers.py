@@ -288,3 +288,32 @@ class SharedNormTransformer(nn.Module):
         for layer, m in zip(self.layers, masks, strict=True):
             x = layer(x, mask=m)
         return x
+
+
+def token_fusion(
+    config, audio_dim: int, video_dim: int
+) -> tuple[nn.Parameter, AudioVisualEmbedding, SharedNormTransformer]:
+    """TCAF's token fusion (shared by AV-DIFF), built in the reference's order from a config with the reference's
+    ``transformer_*`` keys: the class token ``[1, 1, D]``, the modality / time / padding embedding block that maps
+    audio and video rows to ``D``-wide tokens, and the shared-norm transformer."""
+    c, d = config, config.transformer_dim
+    cls_token = nn.Parameter(torch.randn(1, 1, d))
+    embedding = AudioVisualEmbedding(
+        audio_dim,
+        video_dim,
+        d,
+        c.transformer_embedding_dim,
+        c.transformer_embedding_dropout,
+        embed_modality=c.transformer_embedding_modality,
+        time_embed=c.transformer_embedding_time_embed_type,
+        fourier_scale=c.transformer_embedding_fourier_scale,
+    )
+    transformer = SharedNormTransformer(
+        d,
+        c.transformer_depth,
+        c.transformer_heads,
+        c.transformer_dim_head,
+        c.transformer_mlp_dim,
+        c.transformer_dropout,
+    )
+    return cls_token, embedding, transformer

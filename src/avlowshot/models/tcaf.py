@@ -30,12 +30,12 @@ from typing import ClassVar, Literal
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from torch import Tensor, nn
+from torch import Tensor
 
 from avlowshot.data.batching import Batch, SequenceWindow
 from avlowshot.errors import ConfigError
 from avlowshot.models.base import InputDims, Method
-from avlowshot.models.layers import AudioVisualEmbedding, EmbeddingNet, SharedNormTransformer, token_attention_mask
+from avlowshot.models.layers import EmbeddingNet, token_attention_mask, token_fusion
 
 DIM_OUT = 64  # hard-coded in the reference (utils_improvements.get_model_params)
 CLS, AUDIO, VIDEO = 0, 1, 2  # token kinds of the attention mask
@@ -119,21 +119,9 @@ class TCAF(Method):
             audio_dim, video_dim = dims.audio, dims.video
         self.W_proj = EmbeddingNet(dims.text, DIM_OUT, c.additional_dropout)
         self.D_w = EmbeddingNet(DIM_OUT, dims.text, c.additional_dropout)
-        self.cls_token = nn.Parameter(torch.randn(1, 1, d))
-        self.position_encoder_block = AudioVisualEmbedding(
-            audio_dim,
-            video_dim,
-            d,
-            c.transformer_embedding_dim,
-            c.transformer_embedding_dropout,
-            embed_modality=c.transformer_embedding_modality,
-            time_embed=c.transformer_embedding_time_embed_type,
-            fourier_scale=c.transformer_embedding_fourier_scale,
+        self.cls_token, self.position_encoder_block, self.Audio_visual_transformer = token_fusion(
+            c, audio_dim, video_dim
         )
-        self.Audio_visual_transformer = SharedNormTransformer(
-            d, c.transformer_depth, c.transformer_heads, c.transformer_dim_head, c.transformer_mlp_dim,
-            c.transformer_dropout,
-        )  # fmt: skip
         self.O_proj = EmbeddingNet(d, DIM_OUT, c.decoder_dropout, c.decoder_hidden_size, hidden_bn=bn)
         self.D_o = EmbeddingNet(DIM_OUT, d, c.decoder_dropout, c.decoder_hidden_size, hidden_bn=bn)
 
