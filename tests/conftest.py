@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from avlowshot.data.synth import write_synthetic
 
@@ -22,6 +23,16 @@ def synth_root(tmp_path_factory):
         return made[key]
 
     return make
+
+
+@pytest.fixture
+def one_thread():
+    """One torch intra-op thread: the small test models gain nothing from more, and on a busy 2-core CI box the
+    extra threads only add contention (measured: a step 30x slower under load)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

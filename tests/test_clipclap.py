@@ -26,13 +26,7 @@ RUN_SCRIPTS = {"ucf": (20, 7e-5), "activitynet": (15, 1e-4), "vggsound": (15, 1e
 MODULES = {"O_enc": 787_968, "W_enc": 787_968, "O_proj": 296_640, "D_o": 297_984, "W_proj": 32_960, "D_w": 34_304}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """A 2.2 M-parameter MLP gains nothing from intra-op threads; on a busy CI box they only add contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def load_config(name: str) -> dict:

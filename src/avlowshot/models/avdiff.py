@@ -56,7 +56,7 @@ from torch import Tensor, nn
 
 from avlowshot.data.batching import Batch, SequenceWindow
 from avlowshot.models.base import InputDims, Method, Substage
-from avlowshot.models.layers import EmbeddingNet, layer_masks, token_attention_mask, token_fusion
+from avlowshot.models.layers import EmbeddingNet, embed_rows, layer_masks, token_attention_mask, token_fusion
 
 CLS, AUDIO, VIDEO = 0, 1, 2  # token kinds of the attention masks
 
@@ -309,13 +309,7 @@ class AVDiff(Method):
     # ------------------------------------------------------------------------------------------------------------
 
     def _rows(self, net: EmbeddingNet, x: Tensor, valid: Tensor) -> Tensor:
-        b, n, _ = x.shape
-        if self.official or not net.training:
-            return net(x.reshape(b * n, -1)).view(b, n, -1)
-        rows = net(x[valid])
-        out = rows.new_zeros(b, n, rows.shape[-1])
-        out[valid] = rows
-        return out
+        return embed_rows(net, x, valid, include_padding=self.official)
 
     def attention_masks(self, la: int, lv: int, valid: Tensor) -> list[Tensor]:
         """One boolean mask per layer ``[B, N, N]`` (N = 1 + la + lv, True = may attend): within-modality plus the

@@ -317,3 +317,16 @@ def token_fusion(
         c.transformer_dropout,
     )
     return cls_token, embedding, transformer
+
+
+def embed_rows(net: nn.Module, x: torch.Tensor, valid: torch.Tensor, *, include_padding: bool) -> torch.Tensor:
+    """A per-row network (e.g. an :class:`EmbeddingNet` with BatchNorm) on ``[B, L, D]`` rows. A training-mode
+    net sees only the ``valid`` rows (padding would skew its BN batch statistics) unless ``include_padding`` (the
+    references' behaviour); in eval mode BN uses running statistics, so every row runs at once."""
+    b, n, _ = x.shape
+    if include_padding or not net.training:
+        return net(x.reshape(b * n, -1)).view(b, n, -1)
+    rows = net(x[valid])
+    out = rows.new_zeros(b, n, rows.shape[-1])
+    out[valid] = rows
+    return out

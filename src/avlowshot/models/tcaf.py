@@ -35,7 +35,7 @@ from torch import Tensor
 from avlowshot.data.batching import Batch, SequenceWindow
 from avlowshot.errors import ConfigError
 from avlowshot.models.base import InputDims, Method
-from avlowshot.models.layers import EmbeddingNet, token_attention_mask, token_fusion
+from avlowshot.models.layers import EmbeddingNet, embed_rows, token_attention_mask, token_fusion
 
 DIM_OUT = 64  # hard-coded in the reference (utils_improvements.get_model_params)
 CLS, AUDIO, VIDEO = 0, 1, 2  # token kinds of the attention mask
@@ -158,13 +158,7 @@ class TCAF(Method):
         reference (and eval mode, where BN uses running statistics) runs every row, padding included."""
         if net is None:
             return x
-        b, n, _ = x.shape
-        if self.official or not self.training:
-            return net(x.reshape(b * n, -1)).view(b, n, -1)
-        rows = net(x[valid])
-        out = rows.new_zeros(b, n, rows.shape[-1])
-        out[valid] = rows
-        return out
+        return embed_rows(net, x, valid, include_padding=self.official)
 
     def _theta_o(self, batch: Batch, positions: bool) -> Tensor:
         """The audio-visual embedding ``theta_o`` ``[B, 64]``. ``positions``: time stamps 0, 1, 2, ... (the
