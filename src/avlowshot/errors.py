@@ -30,3 +30,15 @@ class DataError(AvlowshotError):
 
 class ConfigError(AvlowshotError):
     """A config file or override with an unknown key or a value of the wrong type."""
+
+
+class WeightsError(AvlowshotError):
+    """A backbone weight file that is missing, unreadable or of another architecture."""
+
+    def __init__(self, message: str, *, path: str | Path | None = None, fix: str | None = None):
+        self.path = None if path is None else str(path)
+        self.fix = fix
+        text = f"{self.path}: {message}" if self.path else message
+        if fix:
+            text += f"\n  fix: {fix}"
+        super().__init__(text)
