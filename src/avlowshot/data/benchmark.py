@@ -15,6 +15,7 @@ from avlowshot.data.layouts import (
     ClassFile,
     LayoutSpec,
     check_dataset,
+    declared_spec,
     get_layout,
     read_class_file,
 )
@@ -234,6 +235,7 @@ def load_benchmark(
     root = Path(root_dir).resolve()
     if not root.is_dir():
         raise DataError("dataset root not found", path=root, fix="--root-dir must be the unpacked dataset folder")
+    spec = declared_spec(spec, root, dataset, shots if spec.task == "gfsl" else None)
     if spec.task == "gfsl":
         if shots not in SHOT_CHOICES:
             raise DataError("the avdiff layout needs --shots", key="shots", fix=f"use one of {SHOT_CHOICES}")

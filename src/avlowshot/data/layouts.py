@@ -17,8 +17,11 @@ avdiff         features/<k>-shot/...pkl (11 split folders)        [T,128] uint8 
 
 from __future__ import annotations
 
+import csv
+import json
 import pickle
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import h5py
@@ -63,10 +66,27 @@ GFSL_FOLDERS = (
     "stage_2_test_novel_2",
 )
 
+
+class _Tags(dict):
+    """Dataset -> tag in file names; a dataset of the user's own (from ``extract``) is tagged by its lower-cased
+    name, and its class names are case-sensitive."""
+
+    def __init__(self, known: dict, default):
+        super().__init__(known)
+        self.default = default
+
+    def __missing__(self, dataset: str):
+        return self.default(dataset)
+
+
 # Dataset tag in file names: the w2v files say "activity", ClipClap's CLIP/CLAP files say "activitynet".
-W2V_TAG = {"UCF": "ucf", "ActivityNet": "activity", "VGGSound": "vggsound"}
-CSV_TAG = {"UCF": "ucf", "ActivityNet": "activitynet", "VGGSound": "vggsound"}
-CASE_INSENSITIVE = {"UCF": True, "ActivityNet": True, "VGGSound": False}
+W2V_TAG = _Tags({"UCF": "ucf", "ActivityNet": "activity", "VGGSound": "vggsound"}, str.lower)
+CSV_TAG = _Tags({"UCF": "ucf", "ActivityNet": "activitynet", "VGGSound": "vggsound"}, str.lower)
+CASE_INSENSITIVE = _Tags({"UCF": True, "ActivityNet": True, "VGGSound": False}, lambda _: False)
+DATASET_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+# Written by `avlowshot extract` / `embed-classes`: a root of one's own declares its feature and text dims.
+EXTRACTOR_FILE = "extractor.json"
+ENCODER_SUFFIX = ".encoder.json"
 
 
 @dataclass(frozen=True)
@@ -171,10 +191,55 @@ def get_layout(name: str) -> LayoutSpec:
         raise DataError(f"unknown layout '{name}'", key="layout", fix=f"use one of {', '.join(LAYOUTS)}") from None
 
 
-def check_dataset(name: str) -> str:
-    if name not in DATASETS:
-        raise DataError(f"unknown dataset '{name}'", key="dataset", fix=f"use one of {', '.join(DATASETS)}")
-    return name
+def check_dataset(name: str, *, known_only: bool = False) -> str:
+    """One of the three benchmarks, or (unless ``known_only``) the name of a dataset of one's own."""
+    if name in DATASETS or (not known_only and DATASET_NAME.match(name)):
+        return name
+    fix = f"use one of {', '.join(DATASETS)}"
+    if not known_only:
+        fix += " or a name of your own (letters, digits, _ and -)"
+    raise DataError(f"unknown dataset '{name}'", key="dataset", fix=fix)
+
+
+def declared_spec(spec: LayoutSpec, root: Path, dataset: str, shots: int | None = None) -> LayoutSpec:
+    """The layout as this root stores it. The authors' downloads have the published dims; a root written by
+    ``avlowshot extract`` (other backbones, e.g. a 512-d CLAP) declares its feature dims in ``extractor.json``, and
+    ``embed-classes`` declares each text file's dim in ``<file>.encoder.json``. Anything else must match exactly."""
+    meta_file = spec.features_root(root, shots) / EXTRACTOR_FILE
+    if meta_file.is_file():
+        meta = _read_json(meta_file)
+        for m in ("audio", "video"):
+            try:
+                dims = {m: replace(getattr(spec, m), dim=int(meta[m]["dim"]), dtype=str(meta[m]["dtype"]))}
+            except (KeyError, TypeError, ValueError):
+                raise DataError(
+                    f"expected {{'{m}': {{'dim': int, 'dtype': str}}}}",
+                    path=meta_file,
+                    key=m,
+                    fix="re-run avlowshot extract, which writes this file",
+                ) from None
+            spec = replace(spec, **dims)
+    texts = []
+    for t, path in zip(spec.text, spec.text_files(root, dataset, shots), strict=True):
+        sidecar = path.with_name(path.name + ENCODER_SUFFIX)
+        if sidecar.is_file():
+            meta = _read_json(sidecar)
+            if not isinstance(meta.get("dim"), int):
+                raise DataError("expected an integer 'dim'", path=sidecar, key="dim", fix="re-run embed-classes")
+            t = replace(t, dim=meta["dim"])
+        texts.append(t)
+    return replace(spec, text=tuple(texts))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        fix = "re-run the command that wrote it"
+        raise DataError(f"not a readable JSON file ({exc})", path=path, fix=fix) from None
+    if not isinstance(obj, dict):
+        raise DataError("expected a JSON object", path=path)
+    return obj
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -276,3 +341,18 @@ def write_class_file(
         with open(tmp, "wb") as fh:
             pickle.dump(obj, fh, protocol=4)
     tmp.replace(path)
+
+
+def write_lines(path: Path, lines: list[str]) -> None:
+    """A class list: one name per line."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{x}\n" for x in lines), encoding="utf-8")
+
+
+def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
+    """A class-name map (``original,manual[,...]``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        writer.writerows(rows)

@@ -40,6 +40,8 @@ from avlowshot.data.layouts import (
     check_dataset,
     get_layout,
     write_class_file,
+    write_csv,
+    write_lines,
 )
 from avlowshot.data.safe_pickle import save_npy_dict
 from avlowshot.data.splits import AVDIFF_REPEAT_SUFFIXES, N_REPEATS, SHOT_CHOICES, shot_positions
@@ -194,7 +196,7 @@ def write_synthetic(
 ) -> Path:
     """Write a synthetic benchmark root at ``out`` and return it. ``progress(done, total)`` is called per class."""
     spec = get_layout(layout)
-    dataset = check_dataset(dataset)
+    dataset = check_dataset(dataset, known_only=True)
     if not scale > 0:
         raise DataError(f"--scale {scale} must be > 0", key="scale")
     if spec.task == "gfsl" and shots not in SHOT_CHOICES:
@@ -263,25 +265,13 @@ def _target_folders(spec: LayoutSpec, split: str, vids: list[str], cid: int, sho
     return targets
 
 
-def _write_lines(path: Path, lines: list[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(f"{x}\n" for x in lines), encoding="utf-8")
-
-
-def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(header)
-        writer.writerows(rows)
-
-
 def _write_class_split(spec, out: Path, dataset: str, classes: SynthClasses, counts: dict, family: str, shots) -> None:
     cs = out / "class-split"
-    _write_lines(cs / "all_class.txt", classes.names)
+    write_lines(cs / "all_class.txt", classes.names)
     pairs = [[o, m] for o, m in zip(classes.names, classes.manual, strict=True)]
-    _write_csv(cs / f"{CSV_TAG[dataset]}_w2v_class_names.csv", ["original", "manual"], pairs)
+    write_csv(cs / f"{CSV_TAG[dataset]}_w2v_class_names.csv", ["original", "manual"], pairs)
     if spec.family == "clipclap" and dataset == "UCF":
-        _write_csv(
+        write_csv(
             cs / "ucf_clip_class_names.csv", ["original", "manual", "clip_class_name"], [p + [p[1]] for p in pairs]
         )
     lists = {s: sorted(classes.file_names[c] for c in counts[s]) for s in GZSL_CLASS_LISTS}
@@ -297,7 +287,7 @@ def _write_class_split(spec, out: Path, dataset: str, classes: SynthClasses, cou
             "stage_2_test_unseen": lists["stage_2_test_unseen"],
         }
     for name, names in lists.items():
-        _write_lines(spec.split_root(out, shots) / f"{name}.txt", names)
+        write_lines(spec.split_root(out, shots) / f"{name}.txt", names)
 
 
 def _write_text(spec, out: Path, dataset: str, classes: SynthClasses, gen: Generator, shots) -> None:

@@ -64,6 +64,12 @@ def read_state_dict(path: str | Path, *, expected_name: str, fix: str, map_locat
     return dict(state)
 
 
+def state_width(state: Mapping[str, torch.Tensor], key: str) -> int:
+    """The ``width`` of a checkpoint: the output channels of its first conv (64 = the real model)."""
+    w = state.get(key)
+    return int(w.shape[0]) if isinstance(w, torch.Tensor) and w.ndim >= 1 else 64
+
+
 def load_checked(model: nn.Module, state: Mapping[str, torch.Tensor], *, path: str | Path, what: str, fix: str) -> None:
     """Load ``state`` into ``model`` strictly; missing/unexpected keys and shape mismatches raise :class:`WeightsError`
     listing the first few of each (nothing is renamed, dropped or reshaped here)."""
@@ -153,12 +159,14 @@ class C3D(nn.Module):
         return self.dropout(self.relu(self.fc7(h)))
 
 
-def load_c3d(path: str | Path, device: str | torch.device = "cpu", *, width: int = 64) -> C3D:
+def load_c3d(path: str | Path, device: str | torch.device = "cpu", *, width: int | None = None) -> C3D:
     """Build :class:`C3D` and load ``path`` (``c3d.pickle``) with strict key and shape checks; returns it in eval mode.
+    ``width=None`` reads it off the file (conv1's output channels: 64 for the real model; the tests save small ones).
 
     Raises :class:`WeightsError` naming the file when it is missing, unreadable, or of another architecture.
     """
     state = read_state_dict(path, expected_name=C3D_WEIGHTS_NAME, fix=C3D_WEIGHTS_FIX, map_location="cpu")
+    width = width or state_width(state, "conv1.weight")
     model = C3D(width=width)
     load_checked(model, state, path=path, what=f"C3D (width {width})", fix=C3D_WEIGHTS_FIX)
     return model.to(device).eval()

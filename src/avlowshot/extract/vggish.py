@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from avlowshot.errors import DataError, WeightsError
-from avlowshot.extract.c3d import load_checked, read_state_dict
+from avlowshot.extract.c3d import load_checked, read_state_dict, state_width
 
 VGGISH_WEIGHTS_NAME = "pytorch_vggish.pth"
 VGGISH_PCA_NAME = "vggish_pca_params.npz"
@@ -189,7 +189,7 @@ class VGGish(nn.Module):
         return self.fc(h)
 
 
-def load_vggish(path: str | Path, device: str | torch.device = "cpu", *, width: int = 64) -> VGGish:
+def load_vggish(path: str | Path, device: str | torch.device = "cpu", *, width: int | None = None) -> VGGish:
     """Build :class:`VGGish` and load ``path`` (``pytorch_vggish.pth``) strictly; returns it in eval mode.
 
     Keys of the harritaylor port (``embeddings.*``) are renamed to ``fc.*`` (``KEY_RENAMES``); any other mismatch
@@ -203,6 +203,7 @@ def load_vggish(path: str | Path, device: str | torch.device = "cpu", *, width: 
                 key = new + key[len(old) :]
                 break
         renamed[key] = value
+    width = width or state_width(renamed, "features.0.weight")  # None: read off the file, as load_c3d
     model = VGGish(width=width)
     load_checked(model, renamed, path=path, what=f"VGGish (width {width})", fix=VGGISH_WEIGHTS_FIX)
     return model.to(device).eval()

@@ -10,6 +10,7 @@ reaches into the model section.
 from __future__ import annotations
 
 import copy
+import logging
 import re
 from importlib import resources
 from pathlib import Path
@@ -21,6 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from avlowshot.errors import ConfigError
 
 COMPAT_MODES = ("none", "official")
+
+log = logging.getLogger("avlowshot.train")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -133,12 +136,21 @@ def parse_override(item: str) -> tuple[str, Any, str]:
     return key, value, raw
 
 
+def _model_keys(method) -> tuple[str, ...]:
+    from avlowshot.models.registry import METHODS
+
+    cls = METHODS.get(method) if isinstance(method, str) else None
+    return tuple(cls.config_class.model_fields) if cls is not None else ()
+
+
 def apply_overrides(raw: dict, items: list[str] | tuple[str, ...]) -> dict[str, str]:
     """Apply ``--set`` items to the raw mapping in place; returns {key: raw value} for error messages."""
     seen: dict[str, str] = {}
     for item in items:
         key, value, text = parse_override(item)
         parts = key.split(".")
+        if parts[0] not in TOP_LEVEL_KEYS and parts[0] in _model_keys(raw.get("method")):
+            parts = ["model", *parts]  # a model hyper-parameter may be set without its "model." prefix
         if parts[0] not in TOP_LEVEL_KEYS:
             raise ConfigError(f"--set {item}: unknown key '{parts[0]}' (known: {', '.join(TOP_LEVEL_KEYS)})")
         if len(parts) > 1 and parts[0] not in MAPPING_KEYS:
@@ -155,7 +167,7 @@ def apply_overrides(raw: dict, items: list[str] | tuple[str, ...]) -> dict[str, 
                 raise ConfigError(f"--set {item}: '{p}' is not a mapping")
             node = child
         node[parts[-1]] = value
-        seen[key] = text
+        seen[".".join(parts)] = text
     return seen
 
 
@@ -265,9 +277,18 @@ def load_config(
     if path is None:
         if method is None or dataset is None or feature_set is None:
             raise ConfigError("no --config given and no method/dataset/feature set to find the shipped one")
-        path = shipped_config(method, dataset, feature_set, shots)
+        from avlowshot.data.layouts import DATASETS
+
+        own = dataset not in DATASETS  # a dataset of one's own (from `extract`) starts from UCF's published settings
+        path = shipped_config(method, "UCF" if own else dataset, feature_set, shots)
+        if own:
+            log.info("no shipped config for %s: using %s (UCF's settings); pass --config to choose", dataset, path.name)
+    else:
+        own = False
     path = Path(path)
     raw = read_yaml(path)
+    if own:
+        raw["dataset"] = dataset
     applied = apply_overrides(raw, list(overrides))
     if seed is not None:
         raw["seed"] = seed

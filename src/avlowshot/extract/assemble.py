@@ -1,0 +1,222 @@
+"""Extracted per-video features -> the authors' layouts, ready for ``check-data`` and ``run``.
+
+``cls`` features give two layouts in one root: ``tcaf-cls`` (temporal, ``features/cls_features_non_averaged``) and
+``avca-cls`` (averaged over time, ``features/cls_features``); ``run --shots k`` derives the few-shot benchmark from
+either. ``clipclap`` features give the ``clipclap`` layout (its own root: it uses the same folder name as tcaf-cls).
+
+Class split (``class-split/cls_split/*.txt``): the user's, when the root already has one (the authors' files for
+UCF / ActivityNet / VGGSound, say), otherwise a seeded one: 20 % of the classes unseen at test, 20 % unseen at
+validation, the rest seen. Videos of a seen class: 10 % to ``stage_1_val_seen``, 10 % to ``stage_2_test_seen``, the
+rest to ``stage_1_train``; of a validation-unseen class: 10 % to ``stage_2_test_seen`` (it is seen in stage 2), the
+rest to ``stage_1_val_unseen``. Everything is written to a staging folder first and moved into place at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from avlowshot.data.classes import read_class_list
+from avlowshot.data.layouts import (
+    CSV_TAG,
+    EXTRACTOR_FILE,
+    GZSL_CLASS_LISTS,
+    W2V_TAG,
+    get_layout,
+    write_class_file,
+    write_csv,
+    write_lines,
+)
+from avlowshot.errors import DataError
+from avlowshot.extract.pipeline import VideoItem, feature_file, load_video_features
+from avlowshot.extract.text import save_embeddings
+
+LAYOUTS_OF = {"cls": ("tcaf-cls", "avca-cls"), "clipclap": ("clipclap",)}
+SPLIT_FAMILY = "cls_split"
+UNSEEN_TEST_SHARE, UNSEEN_VAL_SHARE, HELD_OUT_SHARE = 0.2, 0.2, 0.1
+
+
+def readable_name(folder_name: str) -> str:
+    """``ApplyEyeMakeup`` -> ``Apply Eye Makeup``, ``playing_guitar`` -> ``playing guitar`` (the text encoders
+    embed this "manual" name, as the references do)."""
+    spaced = re.sub(r"[_\-]+", " ", folder_name)
+    spaced = re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", " ", spaced)
+    return re.sub(r"\s+", " ", spaced).strip()
+
+
+def _rng(seed: int, *words: str) -> np.random.Generator:
+    digest = hashlib.sha256("\0".join(words).encode()).digest()
+    return np.random.default_rng([seed, int.from_bytes(digest[:8], "little")])
+
+
+def class_split(classes: list[str], split_root: Path, seed: int) -> dict[str, list[str]]:
+    """The six class lists: read from ``split_root`` when it has them, else drawn with ``seed``."""
+    if (split_root / "stage_1_train.txt").is_file():
+        lists = {n: read_class_list(split_root / f"{n}.txt") for n in GZSL_CLASS_LISTS}
+        known = set(classes)
+        for n, names in lists.items():
+            missing = [c for c in names if c not in known]
+            if missing:
+                raise DataError(
+                    f"class '{missing[0]}' has no extracted video",
+                    path=split_root / f"{n}.txt",
+                    key=missing[0],
+                    fix="extract its videos, or remove it from the class split",
+                )
+        return lists
+    if len(classes) < 3:
+        raise DataError(
+            f"{len(classes)} classes found; a GZSL split needs at least 3 (seen, validation-unseen, test-unseen)",
+            key="classes",
+            fix="add videos of more classes",
+        )
+    order = [classes[i] for i in _rng(seed, "classes").permutation(len(classes))]
+    n_test = max(1, round(UNSEEN_TEST_SHARE * len(classes)))
+    n_val = max(1, round(UNSEEN_VAL_SHARE * len(classes)))
+    test_unseen, val_unseen, seen = order[:n_test], order[n_test : n_test + n_val], order[n_test + n_val :]
+    return {
+        "stage_1_train": sorted(seen),
+        "stage_1_val_seen": sorted(seen),
+        "stage_1_val_unseen": sorted(val_unseen),
+        "stage_2_train": sorted(seen + val_unseen),
+        "stage_2_test_seen": sorted(seen + val_unseen),
+        "stage_2_test_unseen": sorted(test_unseen),
+    }
+
+
+def video_folders(lists: dict[str, list[str]], videos: dict[str, list[str]], seed: int) -> dict[str, dict[str, list]]:
+    """folder -> class -> video ids, following the module docstring."""
+    out: dict[str, dict[str, list]] = {f: {} for f in GZSL_CLASS_LISTS if f != "stage_2_train"}
+    seen1, val_unseen = set(lists["stage_1_train"]), set(lists["stage_1_val_unseen"])
+    for c in sorted(set().union(*lists.values())):
+        ids = sorted(videos[c])
+        ids = [ids[i] for i in _rng(seed, "videos", c).permutation(len(ids))]
+        held = max(1, round(HELD_OUT_SHARE * len(ids)))
+        if c in seen1:
+            if len(ids) < 3:
+                raise DataError(
+                    f"seen class '{c}' has {len(ids)} videos; it needs 3 (train, validation, test)",
+                    key=c,
+                    fix="add videos of this class or make it unseen",
+                )
+            parts = {"stage_2_test_seen": ids[:held], "stage_1_val_seen": ids[held : 2 * held]}
+            parts["stage_1_train"] = ids[2 * held :]
+        elif c in val_unseen:
+            if len(ids) < 2:
+                raise DataError(f"class '{c}' has 1 video; it needs 2 (validation, test)", key=c)
+            parts = {"stage_2_test_seen": ids[:held], "stage_1_val_unseen": ids[held:]}
+        else:
+            parts = {"stage_2_test_unseen": ids}
+        for folder, vids in parts.items():
+            if vids:
+                out[folder][c] = sorted(vids)
+    return out
+
+
+def assemble(
+    out: Path,
+    features: str,
+    dataset: str,
+    items: list[VideoItem],
+    work: Path,
+    embed: Callable[[list[str]], list[tuple[str, np.ndarray, dict]]],
+    *,
+    seed: int = 0,
+    extractor_meta: dict | None = None,
+) -> list[str]:
+    """Write the layouts of ``features`` under ``out`` from the extracted videos of ``items``; return the layout names.
+    ``embed(manual_names)`` returns ``[(file name pattern, vectors [n, d], encoder spec)]``, one per text file
+    of the layout (``{tag}`` in the pattern is the dataset tag)."""
+    out = Path(out)
+    per_class: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+    for it in items:
+        audio, video, _ = load_video_features(feature_file(work, it.video_id))
+        per_class.setdefault(it.class_name, {})[it.video_id] = (audio, video)
+    classes = sorted(per_class)
+    split_root = out / "class-split" / SPLIT_FAMILY
+    lists = class_split(classes, split_root, seed)
+    used = sorted(set().union(*lists.values()))
+    folders = video_folders(lists, {c: list(per_class[c]) for c in used}, seed)
+    names_csv = out / "class-split" / f"{CSV_TAG[dataset]}_w2v_class_names.csv"
+    manual = _read_manual(names_csv) if names_csv.is_file() else {}
+    manual = {c: manual.get(c, readable_name(c)) for c in used}
+
+    staging = out / f".assemble-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        cs = staging / "class-split"
+        write_lines(cs / "all_class.txt", used)
+        write_csv(cs / names_csv.name, ["original", "manual"], [[c, manual[c]] for c in used])
+        if dataset == "UCF" and features == "clipclap":
+            write_csv(
+                cs / "ucf_clip_class_names.csv",
+                ["original", "manual", "clip_class_name"],
+                [[c, manual[c], manual[c]] for c in used],
+            )
+        for name, names in lists.items():
+            write_lines(cs / SPLIT_FAMILY / f"{name}.txt", names)
+        names = [manual[c] for c in used]
+        text_files = embed(names)
+        written = []
+        for layout in LAYOUTS_OF[features]:
+            spec = get_layout(layout)
+            root = spec.features_root(staging)
+            for folder, by_class in folders.items():
+                for c, vids in by_class.items():
+                    for m, k in (("audio", 0), ("video", 1)):
+                        feats = [per_class[c][v][k] for v in vids]
+                        if not spec.temporal and feats[0].ndim == 2:  # averaged layouts: the mean over time
+                            feats = np.stack([f.astype(np.float32).mean(axis=0) for f in feats])
+                        elif not spec.temporal:
+                            feats = np.stack(feats)
+                        write_class_file(spec, spec.class_file(staging, m, folder, c), feats, vids)
+            first = next(iter(next(iter(per_class.values())).values()))
+            meta = {
+                m: {"dim": int(first[k].shape[-1]), "dtype": _stored_dtype(spec, first[k])}
+                for m, k in (("audio", 0), ("video", 1))
+            }
+            meta.update(extractor_meta or {})
+            (root / EXTRACTOR_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8")
+            tag = CSV_TAG[dataset] if spec.family == "clipclap" else W2V_TAG[dataset]
+            for pattern, vectors, enc_spec in text_files:
+                save_embeddings(root / "text" / pattern.format(tag=tag), names, vectors, enc_spec)
+            written.append(layout)
+        _move_into_place(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return written
+
+
+def _stored_dtype(spec, arr: np.ndarray) -> str:
+    return str(arr.dtype) if spec.temporal or arr.ndim == 1 else "float32"
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    """Replace the features folders and class-split files of ``out`` by the staged ones."""
+    for src in sorted((staging / "features").iterdir()):
+        dst = out / "features" / src.name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        old = None
+        if dst.exists():
+            old = dst.with_name(f".old-{dst.name}-{os.getpid()}")
+            os.replace(dst, old)
+        os.replace(src, dst)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    for src in sorted(p for p in (staging / "class-split").rglob("*") if p.is_file()):
+        dst = out / src.relative_to(staging)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src, dst)
+
+
+def _read_manual(path: Path) -> dict[str, str]:
+    from avlowshot.data.classes import read_name_map
+
+    return read_name_map(path, "manual")

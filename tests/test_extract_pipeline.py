@@ -1,0 +1,168 @@
+"""Decoding, the resumable extract pipeline, the layouts it writes, and predict: through the CLI, with generated
+videos and small randomly initialised backbones saved in the documented weight formats."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from avlowshot.cli import app
+from avlowshot.errors import DataError
+from avlowshot.extract.media import decode, write_test_video
+from avlowshot.extract.pipeline import list_videos, parse_shard
+
+runner = CliRunner()
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CLASSES = {"PlayingGuitar": (440.0, (220, 40, 40)), "horse_riding": (880.0, (40, 220, 40)),
+           "Typing": (1320.0, (40, 40, 220)), "Bowling": (1760.0, (220, 220, 40))}  # fmt: skip
+PER_CLASS = 4
+
+
+def test_decode_resamples_frames_and_audio(tmp_path):
+    path = write_test_video(tmp_path / "a.mp4", seconds=2.0, fps=30, tone_hz=1000.0)
+    d = decode(path, fps=25, audio_rate=16000, frame_size=(171, 128))
+    assert d.frames.shape == (50, 128, 171, 3) and d.frames.dtype == np.uint8 and d.fps == 25
+    assert d.audio.dtype == np.float32 and abs(len(d.audio) - 32000) < 2100  # AAC adds a priming frame
+    spectrum = np.abs(np.fft.rfft(d.audio[4000:20000]))
+    assert np.fft.rfftfreq(16000, 1 / 16000)[spectrum.argmax()] == pytest.approx(1000, abs=2)
+    # the square moves left to right: its centre column grows over time
+    red = d.frames[..., 0].astype(int) - d.frames[..., 2].astype(int)
+    centres = [np.nonzero(red[i].max(axis=0) > 80)[0].mean() for i in (0, 25, 49)]
+    assert centres[0] < centres[1] < centres[2]
+    mid = decode(path, fps=None, audio_rate=48000, frame_pick="middle")
+    assert mid.frames.shape == (1, 120, 160, 3) and mid.fps == pytest.approx(30, abs=0.1)
+    assert abs(len(mid.audio) - 96000) < 6200
+
+
+def test_decode_errors_name_the_file(tmp_path):
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(b"not a video at all" * 100)
+    with pytest.raises(DataError, match="broken.mp4.*cannot decode"):
+        decode(bad, fps=25, audio_rate=16000)
+    silent = write_test_video(tmp_path / "silent.mp4", seconds=1.0, with_audio=False)
+    with pytest.raises(DataError, match="no audio stream"):
+        decode(silent, fps=25, audio_rate=16000)
+
+
+def test_video_lists_and_shards(tmp_path):
+    for c in ("b", "a"):
+        for v in ("x", "y", "z"):
+            write_test_video(tmp_path / "vids" / c / f"{c}{v}.avi", seconds=0.4)
+    items = list_videos(tmp_path / "vids")
+    assert [(i.class_name, i.video_id) for i in items][:2] == [("a", "ax"), ("a", "ay")] and len(items) == 6
+    (tmp_path / "list.csv").write_text("path,class\nvids/a/ax.avi,first\nvids/b/bx.avi,second\n")
+    listed = list_videos(tmp_path / "list.csv")
+    assert [(i.class_name, i.video_id, i.path.is_file()) for i in listed] == [
+        ("first", "ax", True),
+        ("second", "bx", True),
+    ]
+    shutil.copy(tmp_path / "vids" / "a" / "ax.avi", tmp_path / "vids" / "b" / "ax.avi")
+    with pytest.raises(DataError, match="'ax' appears twice"):
+        list_videos(tmp_path / "vids")
+    assert parse_shard("1/4") == (1, 4) and parse_shard(None) == (0, 1)
+    for bad in ("4/4", "x/2", "1/0"):
+        with pytest.raises(DataError, match="is not i/N"):
+            parse_shard(bad)
+
+
+def _weights(folder):
+    """Small C3D / VGGish in the documented files (c3d.pickle, pytorch_vggish.pth, vggish_pca_params.npz)."""
+    from avlowshot.extract.c3d import C3D
+    from avlowshot.extract.vggish import VGGish
+
+    folder.mkdir()
+    torch.manual_seed(0)
+    torch.save(C3D(width=4).state_dict(), folder / "c3d.pickle")
+    torch.save(VGGish(width=4).state_dict(), folder / "pytorch_vggish.pth")
+    q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((128, 128)))
+    np.savez(folder / "vggish_pca_params.npz", pca_eigen_vectors=q * 8.0, pca_means=np.zeros((128, 1)))
+    return folder
+
+
+def _videos(folder):
+    for c, (tone, colour) in CLASSES.items():
+        for k in range(PER_CLASS):
+            write_test_video(folder / c / f"{c[:3]}{k}.mp4", seconds=1.3 + 0.2 * k, size=(96, 72),
+                             tone_hz=tone * (1 + 0.05 * k), colour=colour)  # fmt: skip
+    (folder / "Typing" / "broken.mp4").write_bytes(b"\x00" * 2048)
+
+
+def _extract(vids, out, weights, *extra):
+    args = ["extract", "--features", "cls", "--videos", str(vids), "--out", str(out), "--weights", str(weights)]
+    return runner.invoke(app, args + list(extra))
+
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory):
+    base = tmp_path_factory.mktemp("extract")
+    weights, vids, out = _weights(base / "weights"), base / "videos", base / "MyActions"
+    _videos(vids)
+    first = _extract(vids, out, weights, "--shard", "0/2")
+    assert first.exit_code == 0, first.output
+    assert "shard 0/2: 9 videos" in first.output and "without --shard" in first.output
+    assert not (out / "features").exists()  # a shard alone does not assemble
+    res = _extract(vids, out, weights)
+    return base, weights, vids, out, first, res
+
+
+def test_extract_is_resumable_logs_failures_and_writes_the_layouts(extracted):
+    base, weights, vids, out, first, res = extracted
+    assert res.exit_code == 0, res.output
+    # the second run did only the other shard; the broken file is logged and left out, the rest go on
+    assert "16 extracted" not in res.output and "already done" in res.output
+    failed = [json.loads(x) for x in (out / "extracted" / "cls" / "failed-0of1.jsonl").read_text().splitlines()]
+    assert [f["video_id"] for f in failed] == ["broken"] and "cannot decode" in failed[0]["error"]
+    assert "wrote tcaf-cls, avca-cls" in res.output and "1 failed videos left out" in res.output
+    z = np.load(out / "extracted" / "cls" / "videos" / "Pla2.npz")
+    # 1.7 s: ceil(42.5 frames / 16) = 3 C3D rows of 0.64 s, floor(1.7 / 0.96) = 1 VGGish row
+    assert z["video"].shape == (3, 256) and z["video"].dtype == np.float32
+    assert z["audio"].shape == (1, 128) and z["audio"].dtype == np.uint8 and str(z["class_name"]) == "PlayingGuitar"
+    again = _extract(vids, out, weights)
+    assert again.exit_code == 0 and "0 extracted" in again.output and "16 already done" in again.output
+    for layout in ("tcaf-cls", "avca-cls"):
+        chk = runner.invoke(app, ["check-data", "--layout", layout, "--root-dir", str(out), "--dataset", "MyActions"])
+        assert chk.exit_code == 0, chk.output
+        assert "every check passed" in chk.output
+    names = (out / "class-split" / "myactions_w2v_class_names.csv").read_text().splitlines()
+    assert "PlayingGuitar,Playing Guitar" in names and "horse_riding,horse riding" in names
+    sidecar = json.loads(
+        (out / "features/cls_features/text/word_embeddings_myactions_normed.npy.encoder.json").read_text()
+    )
+    assert sidecar["encoder"] == "minilm" and sidecar["dim"] == 384
+
+
+def test_extract_refuses_other_settings_and_missing_weights(extracted, tmp_path):
+    base, weights, vids, out, *_ = extracted
+    res = _extract(vids, out, weights, "--compat", "official")
+    assert res.exit_code == 2 and "extracted with other settings (compat differ)" in res.output
+    empty = tmp_path / "noweights"
+    empty.mkdir()
+    res = _extract(vids, tmp_path / "x", empty)
+    assert res.exit_code == 2 and "c3d.pickle" in res.output
+
+
+def test_run_and_predict_on_extracted_features(extracted):
+    base, weights, vids, out, *_ = extracted
+    log = base / "runs"
+    args = ["run", "--method", "avca", "--layout", "avca-cls", "--dataset", "MyActions", "--root-dir", str(out),
+            "--log-dir", str(log), "--cache-dir", str(base / "cache"), "--quiet",
+            "--set", "epochs=2", "--set", "n_batches=3", "--set", "batch_size=4"]  # fmt: skip
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    run_dir = next(log.iterdir())
+    feats = out / "extracted" / "cls" / "videos" / "Pla0.npz"
+    names = "Playing Guitar, Typing, strumming a ukulele"
+    res = runner.invoke(app, ["predict", "--run-dir", str(run_dir), "--features", str(feats), "--classes", names])
+    assert res.exit_code == 0, res.output
+    for name in ("Playing Guitar", "Typing", "strumming a ukulele"):
+        assert name in res.output
+    assert "new" in res.output and ("seen" in res.output or "unseen" in res.output)
+    res = runner.invoke(app, ["predict", "--run-dir", str(run_dir), "--video", str(vids / "Bowling" / "Bow1.mp4"),
+                              "--weights", str(weights), "--classes", "bowling, typing", "--top", "1"])  # fmt: skip
+    assert res.exit_code == 0, res.output
