@@ -166,3 +166,40 @@ def test_run_and_predict_on_extracted_features(extracted):
     res = runner.invoke(app, ["predict", "--run-dir", str(run_dir), "--video", str(vids / "Bowling" / "Bow1.mp4"),
                               "--weights", str(weights), "--classes", "bowling, typing", "--top", "1"])  # fmt: skip
     assert res.exit_code == 0, res.output
+
+
+def test_clipclap_extraction_trains_and_predicts(tmp_path):
+    from hf_tiny import CLAP_DIM, CLIP_DIM, make_tiny_weights
+
+    weights, vids, out = make_tiny_weights(tmp_path / "w"), tmp_path / "videos", tmp_path / "MyClips"
+    for c, (tone, colour) in CLASSES.items():
+        for k in range(3):
+            write_test_video(vids / c / f"{c[:3]}{k}.mp4", seconds=1.0, size=(64, 48), tone_hz=tone, colour=colour)
+    res = runner.invoke(app, ["extract", "--features", "clipclap", "--videos", str(vids), "--out", str(out),
+                              "--weights", str(weights), "--workers", "1"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "12 extracted" in res.output and "wrote clipclap" in res.output
+    meta = json.loads((out / "features/cls_features_non_averaged/extractor.json").read_text())
+    assert meta["audio"] == {"dim": CLAP_DIM, "dtype": "float32"} and meta["video"] == {
+        "dim": CLIP_DIM,
+        "dtype": "float16",
+    }
+    chk = runner.invoke(app, ["check-data", "--layout", "clipclap", "--root-dir", str(out), "--dataset", "MyClips"])
+    assert chk.exit_code == 0, chk.output
+    log = tmp_path / "runs"
+    res = runner.invoke(app, ["run", "--method", "clipclap", "--layout", "clipclap", "--dataset", "MyClips",
+                              "--root-dir", str(out), "--log-dir", str(log), "--cache-dir", str(tmp_path / "cache"),
+                              "--quiet", "--set", "epochs=1", "--set", "n_batches=2",
+                              "--set", "batch_size=4"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    run_dir = next(log.iterdir())
+    ask = ["predict", "--run-dir", str(run_dir), "--features", str(out / "extracted/clipclap/videos/Typ0.npz"),
+           "--classes", "Typing, knitting a scarf"]  # fmt: skip
+    res = runner.invoke(app, ask)
+    assert res.exit_code == 2 and "--text-weights" in res.output  # CLIP/CLAP text needs its weights folder
+    res = runner.invoke(app, ask + ["--text-weights", str(weights)])
+    assert res.exit_code == 0, res.output
+    assert "knitting a scarf" in res.output and "new" in res.output
+    # another encoder than the one the run was trained with is refused
+    res = runner.invoke(app, ask + ["--text-encoder", "minilm"])
+    assert res.exit_code == 2 and "384-d vectors" in res.output

@@ -10,7 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from avlowshot.cli_common import console, err_console, fail
-from avlowshot.errors import AvlowshotError, DataError
+from avlowshot.errors import AvlowshotError, DataError, WeightsError
 
 ENCODER_HELP = "w2v | clip | clap | clip+clap | minilm"
 TEXT_WEIGHTS_HELP = (
@@ -228,4 +228,8 @@ def _encoder(name: str, text_weights: Path | None, weights: Path | None, feature
 
     if text_weights is None and weights is not None and name in ("clip", "clap", "clip+clap"):
         text_weights = weights if name == "clip+clap" else weights / name
+    if text_weights is None and name != "minilm":
+        raise WeightsError(
+            f"the {name} text encoder needs its weights", fix=f"pass --text-weights: {TEXT_WEIGHTS_HELP}"
+        )
     return build_text_encoder(name, text_weights)
