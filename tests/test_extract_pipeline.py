@@ -203,3 +203,28 @@ def test_clipclap_extraction_trains_and_predicts(tmp_path):
     # another encoder than the one the run was trained with is refused
     res = runner.invoke(app, ask + ["--text-encoder", "minilm"])
     assert res.exit_code == 2 and "384-d vectors" in res.output
+
+
+def test_embed_classes_writes_the_layout_text_files(tmp_path):
+    from avlowshot.data.safe_pickle import load_npy_dict
+    from hf_tiny import CLAP_DIM, CLIP_DIM, make_tiny_weights
+
+    names = tmp_path / "classes.txt"
+    names.write_text("playing guitar\nplaying violin\nhorse riding\n")
+    out = tmp_path / "text" / "word_embeddings_mine_normed.npy"
+    res = runner.invoke(app, ["embed-classes", "--classes", str(names), "--out", str(out)])
+    assert res.exit_code == 0 and "3 classes x 384 (minilm)" in res.output, res.output
+    vec = load_npy_dict(out)  # the restricted reader of the authors' format
+    assert list(vec) == ["playing guitar", "playing violin", "horse riding"]
+    cos = lambda a, b: float(vec[a] @ vec[b])  # noqa: E731
+    assert cos("playing guitar", "playing violin") > cos("playing guitar", "horse riding")
+    assert json.loads(out.with_name(out.name + ".encoder.json").read_text())["encoder"] == "minilm"
+    weights = make_tiny_weights(tmp_path / "w")
+    both = tmp_path / "cc" / "word_embeddings_mine_normed.npy"
+    res = runner.invoke(app, ["embed-classes", "--encoder", "clip+clap", "--classes", str(names), "--out", str(both),
+                              "--weights", str(weights)])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    clip, clap = load_npy_dict(both), load_npy_dict(both.with_name("wavcaps_" + both.name))
+    assert clip["horse riding"].shape == (CLIP_DIM,) and clap["horse riding"].shape == (CLAP_DIM,)
+    res = runner.invoke(app, ["embed-classes", "--encoder", "w2v", "--classes", str(names), "--out", str(out)])
+    assert res.exit_code == 2 and "--text-weights" in res.output

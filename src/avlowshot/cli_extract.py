@@ -72,6 +72,10 @@ def register(app: typer.Typer) -> None:
             items = pipeline.list_videos(videos)
             i, n = pipeline.parse_shard(shard)
             extractor = pipeline.build_extractor(features, weights, device, compat)
+            # the class-name encoder is loaded first too, so a wrong text set-up fails before hours of extraction
+            default_text = "clip+clap" if features == "clipclap" else "minilm"
+            backbones = weights if features == "clipclap" else None  # CLIP/CLAP text from the same folders
+            encoder = _encoder(text_encoder or default_text, text_weights, backbones)
             identity = {
                 "features": features,
                 "compat": compat,
@@ -106,8 +110,6 @@ def register(app: typer.Typer) -> None:
             have, missing = pipeline.finished(items, work)
             if not have:
                 raise DataError("no video could be extracted", path=report.failed_log, fix="see the errors there")
-            encoder = _encoder(text_encoder or ("clip+clap" if features == "clipclap" else "minilm"),
-                               text_weights, weights, features)  # fmt: skip
             family = "clipclap" if features == "clipclap" else "cls"
             written = assemble(
                 out,
@@ -138,7 +140,7 @@ def register(app: typer.Typer) -> None:
 
         try:
             names = _read_names(classes)
-            enc = _encoder(encoder, weights, None, None)
+            enc = _encoder(encoder, weights, None, "--weights")
             if enc.name == "clip+clap":  # clip+clap: CLIP to --out, CLAP to wavcaps_<name> (ClipClap's layout)
                 targets = [(out, enc.parts[0]), (out.with_name(f"wavcaps_{out.name}"), enc.parts[1])]
             else:
@@ -180,7 +182,7 @@ def register(app: typer.Typer) -> None:
             recorded = _recorded_encoder(predictor)
             name = text_encoder or recorded
             if name is not None:
-                encoder = _encoder(name, text_weights, weights, None)
+                encoder = _encoder(name, text_weights, weights)
             ranked = predictor.rank(audio, vid, names, encoder)
         except AvlowshotError as exc:
             raise fail(exc) from None
@@ -222,7 +224,7 @@ def _recorded_encoder(predictor) -> str | None:
     return "clip+clap" if names == ["clip", "clap"] else names[0]
 
 
-def _encoder(name: str, text_weights: Path | None, weights: Path | None, features: str | None):
+def _encoder(name: str, text_weights: Path | None, weights: Path | None, option: str = "--text-weights"):
     """Build a text encoder; CLIP/CLAP text default to the backbone folders of ``extract --weights``."""
     from avlowshot.extract.text import build_text_encoder
 
