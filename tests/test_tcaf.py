@@ -484,3 +484,51 @@ def test_temporal_order_beats_time_averaged_inputs():
             pred = model.scores(model.encode_samples(test), model.encode_classes(text)).argmin(1)
         accuracy[average] = (pred == test.labels).float().mean().item()
     assert accuracy[False] > 0.85 and accuracy[True] < 0.6, accuracy
+
+
+def test_masked_rows_equal_gathered_rows():
+    """The sync-free masked-BN form of embed_rows (CUDA, torch.compile) gives the gathered form's outputs, gradients
+    and BN running statistics."""
+    import copy
+
+    from avlowshot.models.layers import EmbeddingNet, embed_rows
+
+    torch.manual_seed(0)
+    net = EmbeddingNet(12, 8, dropout=0.0, hidden=16)
+    x = torch.randn(4, 7, 12, requires_grad=True)
+    valid = torch.arange(7)[None] < torch.tensor([7, 3, 5, 1])[:, None]
+    outs, grads, states = [], [], []
+    for masked in (False, True):
+        m = copy.deepcopy(net)
+        out = embed_rows(m, x, valid, include_padding=False, masked=masked)
+        (g,) = torch.autograd.grad((out * torch.linspace(-1, 1, 8)).sum(), x)
+        outs.append(out.detach())
+        grads.append(g)
+        states.append(m.state_dict())
+    assert torch.allclose(outs[0], outs[1], atol=1e-5) and (outs[1][~valid] == 0).all()
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)
+    for k in states[0]:
+        assert torch.allclose(states[0][k].float(), states[1][k].float(), atol=1e-6), k
+
+
+def test_padding_to_a_multiple_and_bf16_autocast_keep_the_outputs():
+    """``Batch.padded`` (few shapes for torch.compile) leaves the encodings unchanged; bf16 autocast (``amp``) runs
+    the same model with losses close to fp32."""
+    from avlowshot.train.trainer import precision
+
+    gen = torch.Generator().manual_seed(2)
+    model = small().eval()
+    batch = random_batch(6, DIMS, gen)
+    padded = batch.padded(8)
+    assert padded.audio.shape[1] % 8 == 0 and padded.video.shape[1] % 8 == 0
+    assert padded.audio_mask.sum() == batch.audio_mask.sum()
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_samples(padded), model.encode_samples(batch), atol=1e-5, rtol=1e-5)
+        text = F.normalize(torch.randn(6, 12, generator=gen), dim=1)
+        kw = dict(class_text=text[:4], class_ids=torch.tensor([0, 2, 4, 6]))
+        fp32 = model.losses(batch, text, **kw)["loss"]
+        with precision(torch.device("cpu"), "bf16"):
+            bf16 = model.losses(batch, text, **kw)["loss"]
+        with precision(torch.device("cpu"), "auto"):  # auto: fp32 on the CPU
+            auto = model.losses(batch, text, **kw)["loss"]
+    assert torch.isfinite(bf16) and abs(float(bf16) - float(fp32)) < 0.05 * abs(float(fp32)) and auto == fp32

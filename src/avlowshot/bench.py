@@ -224,7 +224,7 @@ def run_bench(spec: BenchSpec, progress=None) -> dict[str, Any]:
     from avlowshot.models.base import count_parameters
     from avlowshot.train.config import load_config
     from avlowshot.train.protocol import RunContext
-    from avlowshot.train.trainer import evaluate_split, resolve_device
+    from avlowshot.train.trainer import evaluate_split, precision, resolve_device
 
     def say(msg: str) -> None:
         if progress is not None:
@@ -367,7 +367,9 @@ def run_bench(spec: BenchSpec, progress=None) -> dict[str, Any]:
                 _sync(device)
                 t0 = time.perf_counter()
                 phase = "val" if name == "val" else "test"
-                evaluate_split(model, ctx.store, split, ctx.text, device, cfg.eval_batch_size, betas=grid, phase=phase)
+                with precision(device, cfg.amp):
+                    bs = cfg.eval_batch_size
+                    evaluate_split(model, ctx.store, split, ctx.text, device, bs, betas=grid, phase=phase)
                 _sync(device)
                 evals[name] = {"videos": len(split.indices), "seconds": time.perf_counter() - t0}
             record["eval"] = {"betas": len(grid), "splits": evals}

@@ -33,6 +33,23 @@ class Batch:
     def __len__(self) -> int:
         return int(self.labels.numel())
 
+    def padded(self, multiple: int) -> Batch:
+        """Temporal rows padded (masked out) to a multiple of ``multiple``: fewer distinct shapes for
+        ``torch.compile``; the outputs on the valid rows are unchanged."""
+        if self.audio_mask is None or multiple <= 1:
+            return self
+        values = {}
+        for m in ("audio", "video"):
+            x, mask, t = getattr(self, m), getattr(self, f"{m}_mask"), getattr(self, f"{m}_time")
+            extra = -x.shape[1] % multiple
+            if extra:
+                step = t[:, 1:2] - t[:, :1] if t.shape[1] > 1 else torch.ones_like(t[:, :1])
+                x = torch.nn.functional.pad(x, (0, 0, 0, extra))
+                mask = torch.nn.functional.pad(mask, (0, extra), value=False)
+                t = torch.cat([t, t[:, -1:] + step * torch.arange(1, extra + 1, device=t.device)], dim=1)
+            values.update({m: x, f"{m}_mask": mask, f"{m}_time": t})
+        return Batch(labels=self.labels, **values)
+
 
 def _gather_averaged(mod: Modality, idx: torch.Tensor) -> torch.Tensor:
     return mod.data[idx].to(torch.float32)

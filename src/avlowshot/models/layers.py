@@ -319,14 +319,45 @@ def token_fusion(
     return cls_token, embedding, transformer
 
 
-def embed_rows(net: nn.Module, x: torch.Tensor, valid: torch.Tensor, *, include_padding: bool) -> torch.Tensor:
+def embed_rows(
+    net: nn.Module, x: torch.Tensor, valid: torch.Tensor, *, include_padding: bool, masked: bool | None = None
+) -> torch.Tensor:
     """A per-row network (e.g. an :class:`EmbeddingNet` with BatchNorm) on ``[B, L, D]`` rows. A training-mode
     net sees only the ``valid`` rows (padding would skew its BN batch statistics) unless ``include_padding`` (the
-    references' behaviour); in eval mode BN uses running statistics, so every row runs at once."""
+    references' behaviour); in eval mode BN uses running statistics, so every row runs at once.
+
+    Two ways to leave the padding out of training: gather the valid rows (the CPU default: no FLOPs on padding), or
+    run every row with masked BN statistics (``masked``; the default on CUDA and under ``torch.compile``, where the
+    gather's data-dependent shape would sync the host or break the graph). Both give the same numbers, except that
+    dropout draws its mask for every row in the masked form."""
     b, n, _ = x.shape
     if include_padding or not net.training:
         return net(x.reshape(b * n, -1)).view(b, n, -1)
+    if masked is None:
+        masked = x.is_cuda or torch.compiler.is_compiling()
+    if masked and isinstance(net, EmbeddingNet):
+        keep = valid.reshape(b * n, 1).to(x.dtype)
+        h = x.reshape(b * n, -1)
+        for layer in net.fc:
+            h = masked_batch_norm(layer, h, keep) if isinstance(layer, nn.BatchNorm1d) else layer(h)
+        return (h * keep).view(b, n, -1)
     rows = net(x[valid])
     out = rows.new_zeros(b, n, rows.shape[-1])
     out[valid] = rows
     return out
+
+
+def masked_batch_norm(bn: nn.BatchNorm1d, h: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Training-mode ``bn`` on the rows of ``h`` [N, C] where ``keep`` [N, 1] is 1: the batch statistics (biased
+    variance to normalise, unbiased for the running estimate, as ``nn.BatchNorm1d``) come from those rows only."""
+    n = keep.sum()
+    mean = (h * keep).sum(0) / n
+    var = ((h - mean) ** 2 * keep).sum(0) / n
+    if bn.track_running_stats:
+        with torch.no_grad():
+            bn.num_batches_tracked.add_(1)
+            m = bn.momentum
+            bn.running_mean.mul_(1 - m).add_(m * mean.detach())
+            bn.running_var.mul_(1 - m).add_(m * var.detach() * n / (n - 1))
+    out = (h - mean) * torch.rsqrt(var + bn.eps)
+    return out * bn.weight + bn.bias if bn.affine else out

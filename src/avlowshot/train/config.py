@@ -94,6 +94,12 @@ class RunConfig(BaseModel):
         description="gather the next training batch on a thread while this one trains; auto: on when the features "
         "exceed half of the RAM (disk reads to hide), off otherwise (on 2 cores the thread costs more than it saves)",
     )
+    amp: Literal["auto", "bf16", "off"] = Field(
+        "auto",
+        description="mixed precision of training steps and evaluation: bf16 autocast; auto = bf16 on CUDA, off on "
+        "the CPU (CPUs without bf16 units run it slower than fp32)",
+    )
+    compile: bool = Field(False, description="torch.compile the method's loss and encoders (dynamic shapes)")
     model: dict[str, Any] = Field(default_factory=dict, description="method-specific, validated by its schema")
 
 

@@ -48,8 +48,10 @@ from avlowshot.train.trainer import (
     EpochCallback,
     StageOutcome,
     Trainer,
+    compile_method,
     evaluate_split,
     metric_record,
+    precision,
     resolve_device,
     seed_everything,
 )
@@ -147,8 +149,10 @@ class RunContext:
         dims = InputDims(self.store.audio.dim, self.store.video.dim, int(self.text.shape[1]))
         method = registry.build_method(
             self.cfg.method, dict(self.cfg.model), dims, self.compat, classes=self.label_space(stage)
-        )
-        return method.to(self.device)
+        ).to(self.device)
+        if self.cfg.compile:
+            compile_method(method)
+        return method
 
     def label_space(self, stage: int) -> np.ndarray:
         p = self.protocol
@@ -512,9 +516,17 @@ def evaluate_stages(ctx: RunContext, run_dir: Path) -> dict[str, Any]:
     rel = s1.checkpoint_best if beta_from == "best" else s1.checkpoint_last
     model_a = _load_model(ctx, s1_dir, rel, stage=1)
     val = ctx.protocol.stage1_val
-    res_val = evaluate_split(
-        model_a, ctx.store, val, ctx.text, ctx.device, cfg.eval_batch_size, betas=metrics.beta_grid(grid), phase="val"
-    )
+    with precision(ctx.device, cfg.amp):
+        res_val = evaluate_split(
+            model_a,
+            ctx.store,
+            val,
+            ctx.text,
+            ctx.device,
+            cfg.eval_batch_size,
+            betas=metrics.beta_grid(grid),
+            phase="val",
+        )
     beta = float(res_val.beta)
     recorded = s1.beta_best if beta_from == "best" else s1.beta_last
     if recorded is not None and abs(recorded - beta) > 1e-9:
@@ -530,7 +542,8 @@ def evaluate_stages(ctx: RunContext, run_dir: Path) -> dict[str, Any]:
             test_kw = {"betas": metrics.beta_grid(grid)}
         else:
             test_kw = {"beta": beta_test}
-        res = evaluate_split(model_b, ctx.store, split, ctx.text, ctx.device, cfg.eval_batch_size, **test_kw)
+        with precision(ctx.device, cfg.amp):
+            res = evaluate_split(model_b, ctx.store, split, ctx.text, ctx.device, cfg.eval_batch_size, **test_kw)
         tests.append(res)
         per_class.append(_per_class(res.per_class, names))
         per_class_zsl.append(_per_class(res.per_class_zsl, names))

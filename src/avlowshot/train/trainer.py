@@ -12,6 +12,7 @@ scalars, a checkpoint (kept: the latest and the best), and ``history.json``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -53,6 +54,23 @@ def epoch_seed(seed: int, stage: int, repeat: int, epoch: int) -> int:
     return int(state) & ((1 << 63) - 1)
 
 
+def precision(device: torch.device, amp: str):
+    """The autocast context of ``cfg.amp`` on ``device``: bf16 (``"bf16"``, or ``"auto"`` on CUDA) or none."""
+    on = amp == "bf16" or (amp == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if on else contextlib.nullcontext()
+
+
+def compile_method(method) -> None:
+    """``torch.compile`` the method's loss and sample encoder in place (dynamic shapes: temporal batches vary in
+    length). The parameters and the state dict are the module's own, so checkpoints are unchanged."""
+    method.losses = torch.compile(method.losses, dynamic=True)
+    method.encode_samples = torch.compile(method.encode_samples, dynamic=True)
+    method.pad_multiple = COMPILE_PAD  # batches padded to few lengths: each new shape would recompile
+
+
+COMPILE_PAD = 8
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "cpu":
         return torch.device("cpu")
@@ -84,7 +102,8 @@ def encode_samples(
     try:
         parts = []
         for start in range(0, len(indices), batch_size):
-            batch = gather(store, indices[start : start + batch_size], window).to(device, non_blocking=True)
+            batch = gather(store, indices[start : start + batch_size], window)
+            batch = batch.padded(getattr(method, "pad_multiple", 1)).to(device, non_blocking=True)
             parts.append(method.encode_samples(batch))
         if isinstance(parts[0], torch.Tensor):
             return torch.cat(parts)
@@ -395,10 +414,11 @@ class Trainer:
                 val_rec = None
                 if val is not None:
                     t0 = time.perf_counter()
-                    res = evaluate_split(
-                        self.method, self.store, val, self.text, self.device, cfg.eval_batch_size, betas=betas,
-                        phase="val",
-                    )  # fmt: skip
+                    with precision(self.device, cfg.amp):
+                        res = evaluate_split(
+                            self.method, self.store, val, self.text, self.device, cfg.eval_batch_size, betas=betas,
+                            phase="val",
+                        )  # fmt: skip
                     val_rec = metric_record(res)
                     record["time_val"] = time.perf_counter() - t0
                     record["val"] = val_rec
@@ -484,17 +504,19 @@ class Trainer:
         ``text``, default the run's table) and the extra arguments of ``losses``."""
         text = self.text if text is None else text
         batch = gather(self.store, plan.indices[b], plan.window, None if plan.draws is None else plan.draws[b])
-        batch = batch.to(self.device, non_blocking=True)
+        batch = batch.padded(getattr(self.method, "pad_multiple", 1)).to(self.device, non_blocking=True)
         kwargs = dict(plan.class_kwargs)
         if plan.negatives is not None:
             draws = None if plan.negative_draws is None else plan.negative_draws[b]
-            nb = gather(self.store, plan.negatives[b], plan.window, draws).to(self.device, non_blocking=True)
+            nb = gather(self.store, plan.negatives[b], plan.window, draws)
+            nb = nb.padded(getattr(self.method, "pad_multiple", 1)).to(self.device, non_blocking=True)
             kwargs.update(negative=nb, negative_text=self.text[nb.labels])
         return batch, text[batch.labels], kwargs
 
     def train_step(self, batch: Batch, text: torch.Tensor, kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
         """One optimiser step; returns the detached loss terms."""
-        losses = self.method.losses(batch, text, **kwargs)
+        with precision(self.device, self.cfg.amp):
+            losses = self.method.losses(batch, text, **kwargs)
         self.optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         self.optimizer.step()
@@ -566,7 +588,7 @@ class Trainer:
                     sums[k] = sums[k] + v if k in sums else v.clone()
                 if bar is not None:
                     bar.update(1)
-                    if (b + 1) % 50 == 0:
+                    if (b + 1) % 50 == 0 and self.device.type == "cpu":  # on a GPU this would sync the host
                         bar.set_postfix(loss=f"{float(sums['loss']) / (b + 1):.4f}")
         finally:
             if bar is not None:
