@@ -41,11 +41,25 @@ def make_tiny_clip(folder: Path, seed: int = 0) -> Path:
     tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
     eot = vocab["<|endoftext|>"]
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=77, eos_token_id=eot, pad_token_id=eot,
-                         bos_token_id=vocab["<|startoftext|>"]),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=224, patch_size=32),
+        text_config=dict(
+            vocab_size=len(vocab),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            eos_token_id=eot,
+            pad_token_id=eot,
+            bos_token_id=vocab["<|startoftext|>"],
+        ),
+        vision_config=dict(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=224,
+            patch_size=32,
+        ),
         projection_dim=CLIP_DIM,
     )
     torch.manual_seed(seed)
@@ -67,11 +81,26 @@ def make_tiny_clap(folder: Path, seed: int = 0) -> Path:
     vocab["<mask>"] = len(vocab)
     tok = RobertaTokenizer(vocab=vocab, merges=[], model_max_length=128)
     config = ClapConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=136, type_vocab_size=1, pad_token_id=1,
-                         bos_token_id=0, eos_token_id=2),
-        audio_config=dict(depths=[1, 1], num_attention_heads=[1, 2], patch_embeds_hidden_size=8, hidden_size=16,
-                          window_size=8, num_hidden_layers=2),
+        text_config=dict(
+            vocab_size=len(vocab),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=136,
+            type_vocab_size=1,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+        ),
+        audio_config=dict(
+            depths=[1, 1],
+            num_attention_heads=[1, 2],
+            patch_embeds_hidden_size=8,
+            hidden_size=16,
+            window_size=8,
+            num_hidden_layers=2,
+        ),
         projection_dim=CLAP_DIM,
     )
     torch.manual_seed(seed)

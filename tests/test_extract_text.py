@@ -94,8 +94,9 @@ def _direct(enc, name):
     for t in enc.templates:
         batch = enc.bundle.tokenizer([t.format(name)], return_tensors="pt")
         with torch.inference_mode():
-            f = features_of(enc.bundle.model.get_text_features(input_ids=batch["input_ids"],
-                                                               attention_mask=batch["attention_mask"]))
+            f = features_of(
+                enc.bundle.model.get_text_features(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            )
         f = f[0].double().numpy()
         rows.append(f / np.linalg.norm(f))
     m = np.mean(rows, axis=0)

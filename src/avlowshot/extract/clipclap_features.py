@@ -53,7 +53,10 @@ AUDIO_SECONDS = 10.0  # every audio clip is made exactly this long (reference: 3
 COMPAT_MODES = ("fixed", "official")
 
 _WEIGHT_FILES = (
-    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
 )
 
 
@@ -101,8 +104,11 @@ def fingerprint(path: str | Path) -> str:
     if path.is_file():
         files = [path]
     else:
-        files = sorted(p for p in path.rglob("*")
-                       if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
     h = hashlib.sha256()
     chunk = 1 << 20
     for f in files:
@@ -123,8 +129,11 @@ def _load(kind: str, folder: Path, what: str, loader):
     try:
         return loader()
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
-        raise WeightsError(f"could not load the {kind.upper()} {what} ({type(exc).__name__}: {exc})",
-                           path=folder, fix=_fix(kind, folder)) from None
+        raise WeightsError(
+            f"could not load the {kind.upper()} {what} ({type(exc).__name__}: {exc})",
+            path=folder,
+            fix=_fix(kind, folder),
+        ) from None
 
 
 @dataclass
@@ -139,8 +148,9 @@ class HFBundle:
     device: str = "cpu"
 
 
-def load_hf(folder: str | Path, kind: str, *, device: str = "cpu", tokenizer: bool = False,
-            processor: bool = False) -> HFBundle:
+def load_hf(
+    folder: str | Path, kind: str, *, device: str = "cpu", tokenizer: bool = False, processor: bool = False
+) -> HFBundle:
     """Load a local CLIP (``kind="clip"``) or CLAP (``"clap"``) folder without touching the network.
 
     ``processor`` loads the image processor (CLIP) or the audio feature extractor (CLAP)."""
@@ -152,8 +162,9 @@ def load_hf(folder: str | Path, kind: str, *, device: str = "cpu", tokenizer: bo
     model = model.to(device=device, dtype=_torch().float32).eval()
     bundle = HFBundle(kind, folder, model, device=device)
     if tokenizer:
-        bundle.tokenizer = _load(kind, folder, "tokenizer", lambda: transformers.AutoTokenizer.from_pretrained(
-            folder, local_files_only=True))
+        bundle.tokenizer = _load(
+            kind, folder, "tokenizer", lambda: transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        )
     if processor:
         if kind == "clip":
             # transformers 5 without torchvision: the PIL image processor (what the reference's preprocess used);
@@ -162,10 +173,14 @@ def load_hf(folder: str | Path, kind: str, *, device: str = "cpu", tokenizer: bo
         else:
             proc_cls = transformers.ClapFeatureExtractor
         if not (folder / "preprocessor_config.json").is_file():
-            raise WeightsError("no preprocessor_config.json (the image processor / audio feature extractor)",
-                               path=folder, fix=_fix(kind, folder))
-        bundle.processor = _load(kind, folder, "processor", lambda: proc_cls.from_pretrained(
-            folder, local_files_only=True))
+            raise WeightsError(
+                "no preprocessor_config.json (the image processor / audio feature extractor)",
+                path=folder,
+                fix=_fix(kind, folder),
+            )
+        bundle.processor = _load(
+            kind, folder, "processor", lambda: proc_cls.from_pretrained(folder, local_files_only=True)
+        )
     return bundle
 
 
@@ -261,10 +276,21 @@ class ClipClapExtractor:
         return {
             "extractor": self.name,
             "compat": self.compat,
-            "audio": {"dim": self.audio_dim, "dtype": "float32", "rate": self.audio_rate, "seconds": AUDIO_SECONDS,
-                      "model": self.clap.folder.name, "fingerprint": fingerprint(self.clap.folder)},
-            "video": {"dim": self.video_dim, "dtype": "float16", "frame": self.frame_pick,
-                      "model": self.clip.folder.name, "fingerprint": fingerprint(self.clip.folder)},
+            "audio": {
+                "dim": self.audio_dim,
+                "dtype": "float32",
+                "rate": self.audio_rate,
+                "seconds": AUDIO_SECONDS,
+                "model": self.clap.folder.name,
+                "fingerprint": fingerprint(self.clap.folder),
+            },
+            "video": {
+                "dim": self.video_dim,
+                "dtype": "float16",
+                "frame": self.frame_pick,
+                "model": self.clip.folder.name,
+                "fingerprint": fingerprint(self.clip.folder),
+            },
         }
 
     # -- the two halves, usable on their own ---------------------------------------------------------------------
@@ -285,8 +311,9 @@ class ClipClapExtractor:
         """(D_clap,) float32, L2-normalised, of mono float audio at ``audio_rate`` (cropped/padded to 10 s)."""
         torch = _torch()
         wave = fit_audio_length(audio, self.audio_rate)
-        inputs = self.clap.processor(wave, sampling_rate=self.audio_rate, truncation=self._truncation,
-                                     return_tensors="pt")
+        inputs = self.clap.processor(
+            wave, sampling_rate=self.audio_rate, truncation=self._truncation, return_tensors="pt"
+        )
         kwargs = {"input_features": inputs["input_features"].to(self.clap.device, torch.float32)}
         if "is_longer" in inputs:
             kwargs["is_longer"] = inputs["is_longer"].to(self.clap.device)
@@ -299,11 +326,15 @@ class ClipClapExtractor:
         if frames.ndim == 3:
             frames = frames[None]
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-            raise DataError(f"expected uint8 RGB frames [T, H, W, 3], got {frames.dtype} {list(frames.shape)}",
-                            key="frames")
+            raise DataError(
+                f"expected uint8 RGB frames [T, H, W, 3], got {frames.dtype} {list(frames.shape)}", key="frames"
+            )
         if frames.shape[0] == 0:
-            raise DataError("no decoded frame: the image feature needs one", key="frames",
-                            fix="check that the video has a readable video stream")
+            raise DataError(
+                "no decoded frame: the image feature needs one",
+                key="frames",
+                fix="check that the video has a readable video stream",
+            )
         audio = np.asarray(audio)
         if audio.ndim != 1 or not np.issubdtype(audio.dtype, np.floating):
             raise DataError(f"expected mono float audio [samples], got {audio.dtype} {list(audio.shape)}", key="audio")

