@@ -10,6 +10,15 @@ from avlowshot.data.synth import write_synthetic
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "benchmarks"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Commands run without --cache-dir cache into a temporary folder, never the user's cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("AVLOWSHOT_CACHE_DIR", str(tmp_path_factory.mktemp("user-cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory):
     """``synth_root(layout, dataset="UCF", scale=0.03, seed=0, shots=None)``: a synthetic root, written once."""

@@ -163,6 +163,7 @@ def register(app: typer.Typer) -> None:
         text_encoder: str = typer.Option(None, help=f"{ENCODER_HELP}: embeds names the run does not know."),
         text_weights: Path = typer.Option(None, help=TEXT_WEIGHTS_HELP),
         device: str = typer.Option("cpu", help="cpu | cuda."),
+        cache_dir: Path = typer.Option(None, help="Feature cache folder (default: the user cache)."),
     ) -> None:
         """Rank class names for one video with a trained run (new names are embedded on the fly)."""
         from avlowshot.predict import Predictor, parse_names
@@ -171,7 +172,7 @@ def register(app: typer.Typer) -> None:
             if (video is None) == (features is None):
                 raise DataError("give exactly one of --video and --features", key="video/features")
             names = parse_names(classes)
-            predictor = Predictor(run_dir, device)
+            predictor = Predictor(run_dir, device, cache_dir)
             if video is not None:
                 if weights is None:
                     raise DataError("--video needs --weights (the backbone weights folder)", key="weights")

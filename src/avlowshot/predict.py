@@ -54,12 +54,12 @@ def _feature_set(layout: str) -> str:
 
 
 class Predictor:
-    def __init__(self, run_dir: str | Path, device: str = "cpu"):
+    def __init__(self, run_dir: str | Path, device: str = "cpu", cache_dir: str | Path | None = None):
         from avlowshot.train.protocol import RESULT_FILE, RunContext, _load_model, load_run_info, read_summary
 
         self.run_dir = Path(run_dir)
         info, cfg = load_run_info(self.run_dir)
-        self.ctx = RunContext(info, cfg, device)
+        self.ctx = RunContext(info, cfg, device, cache_dir=cache_dir)
         dirs = self.ctx.stage2_dirs(self.run_dir)
         summary = read_summary(dirs[0])
         result_file = self.run_dir / RESULT_FILE
