@@ -135,15 +135,14 @@ def assemble(
     ``embed(manual_names)`` returns ``[(file name pattern, vectors [n, d], encoder spec)]``, one per text file
     of the layout (``{tag}`` in the pattern is the dataset tag)."""
     out = Path(out)
-    per_class: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+    videos_of: dict[str, list[str]] = {}
     for it in items:
-        audio, video, _ = load_video_features(feature_file(work, it.video_id))
-        per_class.setdefault(it.class_name, {})[it.video_id] = (audio, video)
-    classes = sorted(per_class)
+        videos_of.setdefault(it.class_name, []).append(it.video_id)
     split_root = out / "class-split" / SPLIT_FAMILY
-    lists = class_split(classes, split_root, seed)
+    lists = class_split(sorted(videos_of), split_root, seed)
     used = sorted(set().union(*lists.values()))
-    folders = video_folders(lists, {c: list(per_class[c]) for c in used}, seed)
+    folders = video_folders(lists, {c: videos_of[c] for c in used}, seed)
+    layouts = [get_layout(name) for name in LAYOUTS_OF[features]]
     names_csv = out / "class-split" / f"{CSV_TAG[dataset]}_w2v_class_names.csv"
     manual = _read_manual(names_csv) if names_csv.is_file() else {}
     manual = {c: manual.get(c, readable_name(c)) for c in used}
@@ -164,22 +163,18 @@ def assemble(
             write_lines(cs / SPLIT_FAMILY / f"{name}.txt", names)
         names = [manual[c] for c in used]
         text_files = embed(names)
-        written = []
-        for layout in LAYOUTS_OF[features]:
-            spec = get_layout(layout)
-            root = spec.features_root(staging)
-            for folder, by_class in folders.items():
-                for c, vids in by_class.items():
+        # one class of one split folder in memory at a time (a full VGGSound is 23 GB of features)
+        for folder, by_class in folders.items():
+            for c, vids in by_class.items():
+                loaded = [load_video_features(feature_file(work, v))[:2] for v in vids]
+                for spec in layouts:
                     for m, k in (("audio", 0), ("video", 1)):
-                        feats = [per_class[c][v][k] for v in vids]
-                        if not spec.temporal and feats[0].ndim == 2:  # averaged layouts: the mean over time
-                            feats = np.stack([f.astype(np.float32).mean(axis=0) for f in feats])
-                        elif not spec.temporal:
-                            feats = np.stack(feats)
-                        write_class_file(spec, spec.class_file(staging, m, folder, c), feats, vids)
-            first = next(iter(next(iter(per_class.values())).values()))
+                        write_class_file(spec, spec.class_file(staging, m, folder, c), _stored(spec, loaded, k), vids)
+        first = load_video_features(feature_file(work, items[0].video_id))
+        for spec in layouts:
+            root = spec.features_root(staging)
             meta = {
-                m: {"dim": int(first[k].shape[-1]), "dtype": _stored_dtype(spec, first[k])}
+                m: {"dim": int(first[k].shape[-1]), "dtype": _stored(spec, [first], k)[0].dtype.name}
                 for m, k in (("audio", 0), ("video", 1))
             }
             meta.update(extractor_meta or {})
@@ -187,15 +182,20 @@ def assemble(
             tag = CSV_TAG[dataset] if spec.family == "clipclap" else W2V_TAG[dataset]
             for pattern, vectors, enc_spec in text_files:
                 save_embeddings(root / "text" / pattern.format(tag=tag), names, vectors, enc_spec)
-            written.append(layout)
+        written = [spec.name for spec in layouts]
         _move_into_place(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return written
 
 
-def _stored_dtype(spec, arr: np.ndarray) -> str:
-    return str(arr.dtype) if spec.temporal or arr.ndim == 1 else "float32"
+def _stored(spec, loaded: list[tuple[np.ndarray, np.ndarray]], k: int):
+    """Modality ``k`` of the loaded videos as the layout stores it: the rows (temporal), or one vector per video
+    (averaged layouts: the mean over time, float32)."""
+    feats = [x[k] for x in loaded]
+    if spec.temporal:
+        return feats
+    return np.stack([f.astype(np.float32).mean(axis=0) if f.ndim == 2 else f for f in feats])
 
 
 def _move_into_place(staging: Path, out: Path) -> None:
