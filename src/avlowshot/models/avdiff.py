@@ -341,6 +341,8 @@ class AVDiff(Method):
     def columns(self, labels: Tensor) -> Tensor:
         """Global class ids -> classifier columns (ascending id order of the label space)."""
         col = torch.searchsorted(self.label_space, labels)
+        if labels.is_cuda:  # the check reads a value back (a host sync per step); the CPU path runs it
+            return col
         if bool((col >= len(self.label_space)).any()) or not bool(
             (self.label_space[col.clamp(max=len(self.label_space) - 1)] == labels).all()
         ):
