@@ -24,10 +24,14 @@ class Batch:
     video_time: torch.Tensor | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """On CUDA the tensors go through pinned memory, so a non-blocking copy does not wait for the device."""
+        pin = non_blocking and torch.device(device).type == "cuda"
         values = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            values[f.name] = v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
+            if isinstance(v, torch.Tensor):
+                v = (v.pin_memory() if pin and v.device.type == "cpu" else v).to(device, non_blocking=non_blocking)
+            values[f.name] = v
         return Batch(**values)
 
     def __len__(self) -> int:
