@@ -56,7 +56,7 @@ from torch import Tensor, nn
 
 from avlowshot.data.batching import Batch, SequenceWindow
 from avlowshot.models.base import InputDims, Method, Substage
-from avlowshot.models.layers import EmbeddingNet, embed_rows, layer_masks, token_attention_mask, token_fusion
+from avlowshot.models.layers import Dropout, EmbeddingNet, embed_rows, layer_masks, token_attention_mask, token_fusion
 
 CLS, AUDIO, VIDEO = 0, 1, 2  # token kinds of the attention masks
 
@@ -132,7 +132,7 @@ class EpsilonNet(nn.Module):
                 mods.append(nn.BatchNorm1d(width))
             mods.append(nn.LeakyReLU(0.01))
             if dropout:
-                mods.append(nn.Dropout(dropout))
+                mods.append(Dropout(dropout))
             prev = width
         mods.append(nn.Linear(prev, x_dim))
         self.net = nn.Sequential(*mods)

@@ -12,6 +12,18 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` with a cheaper mask on the CPU: uniform draws compared with ``p`` take about half the time of
+    the ``bernoulli_`` that ``F.dropout`` uses (measured on [1024, 4096]: 44 vs 64-86 ms, single thread), which was
+    15 % of a TCAF training step. Same distribution, another random stream; on CUDA PyTorch's fused kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or self.p == 1 or x.is_cuda:
+            return super().forward(x)
+        keep = torch.rand_like(x).ge_(self.p).mul_(1.0 / (1.0 - self.p))
+        return x * keep
+
+
 class EmbeddingNet(nn.Module):
     """``[Linear(in,h) -> BN(h) -> ReLU -> Dropout] -> Linear(.,out) -> BN(out, out_momentum) -> ReLU -> Dropout``.
 
@@ -34,10 +46,10 @@ class EmbeddingNet(nn.Module):
         layers: list[nn.Module] = []
         if hidden:
             layers += [nn.Linear(in_dim, hidden)] + ([nn.BatchNorm1d(hidden)] if hidden_bn else [])
-            layers += [nn.ReLU(), nn.Dropout(dropout)]
+            layers += [nn.ReLU(), Dropout(dropout)]
             in_dim = hidden
         out_bn = nn.BatchNorm1d(out_dim, momentum=out_momentum)
-        layers += [nn.Linear(in_dim, out_dim), out_bn, nn.ReLU(), nn.Dropout(dropout)]
+        layers += [nn.Linear(in_dim, out_dim), out_bn, nn.ReLU(), Dropout(dropout)]
         self.fc = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -63,7 +75,7 @@ class Attention(nn.Module):
         inner = heads * dim_head
         self.heads = heads
         self.to_qkv = nn.Linear(dim, 3 * inner, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(dropout))
+        self.to_out = nn.Sequential(nn.Linear(inner, dim), Dropout(dropout))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         b, n, _ = x.shape
@@ -80,7 +92,7 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden: int, dropout: float):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim), nn.Dropout(dropout)
+            nn.Linear(dim, hidden), nn.GELU(), Dropout(dropout), nn.Linear(hidden, dim), Dropout(dropout)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -218,7 +230,7 @@ class AudioVisualEmbedding(nn.Module):
         self.pad_embedding = nn.Embedding(1, embed_dim)
         self.out_proj_audio = nn.Conv1d(audio_dim + embed_dim, out_dim, kernel_size=1)
         self.out_proj_video = nn.Conv1d(video_dim + embed_dim, out_dim, kernel_size=1)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def embed(self, modality: int, f: torch.Tensor, valid: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``modality`` 0 = audio, 1 = video."""
@@ -247,7 +259,7 @@ class MaskedAttention(nn.Module):
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_k = nn.Linear(dim, inner, bias=False)
         self.to_v = nn.Linear(dim, inner, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(dropout))
+        self.to_out = nn.Sequential(nn.Linear(inner, dim), Dropout(dropout))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         b, n, _ = x.shape
