@@ -163,6 +163,19 @@ def test_run_and_predict_on_extracted_features(extracted):
     for name in ("Playing Guitar", "Typing", "strumming a ukulele"):
         assert name in res.output
     assert "new" in res.output and ("seen" in res.output or "unseen" in res.output)
+    # features of another extraction (other compat) or of other dims are refused
+    other = base / "other" / "extracted" / "cls"
+    (other / "videos").mkdir(parents=True)
+    meta = json.loads((out / "extracted" / "cls" / "extractor.json").read_text())
+    (other / "extractor.json").write_text(json.dumps({**meta, "compat": "official"}))
+    shutil.copy(feats, other / "videos" / "Pla0.npz")
+    ask = ["predict", "--run-dir", str(run_dir), "--classes", "Typing"]
+    res = runner.invoke(app, ask + ["--features", str(other / "videos" / "Pla0.npz")])
+    assert res.exit_code == 2 and "compat differ" in res.output
+    z = np.load(feats)
+    np.savez(base / "narrow.npz", audio=z["audio"], video=z["video"][:, :100], class_name=z["class_name"])
+    res = runner.invoke(app, ask + ["--features", str(base / "narrow.npz")])
+    assert res.exit_code == 2 and "video features are 100-d but the run was trained on 256-d" in res.output
     res = runner.invoke(app, ["predict", "--run-dir", str(run_dir), "--video", str(vids / "Bowling" / "Bow1.mp4"),
                               "--weights", str(weights), "--classes", "bowling, typing", "--top", "1"])  # fmt: skip
     assert res.exit_code == 0, res.output
