@@ -235,5 +235,8 @@ def test_unknown_layout_and_dataset(synth_root):
     root = synth_root("tcaf-cls")
     r = runner.invoke(app, ["check-data", "--layout", "nope", "--root-dir", str(root), "--dataset", "UCF"])
     assert r.exit_code == 2 and "unknown layout 'nope'" in r.output
+    r = runner.invoke(app, ["check-data", "--layout", "tcaf-cls", "--root-dir", str(root), "--dataset", "bad name!"])
+    assert r.exit_code == 2 and "unknown dataset 'bad name!'" in r.output
+    # a dataset of one's own is allowed; a UCF root has no name map for it
     r = runner.invoke(app, ["check-data", "--layout", "tcaf-cls", "--root-dir", str(root), "--dataset", "Kinetics"])
-    assert r.exit_code == 2 and "unknown dataset 'Kinetics'" in r.output
+    assert r.exit_code == 2 and "kinetics_w2v_class_names.csv: class-name map not found" in r.output
