@@ -197,23 +197,19 @@ class Predictor:
 
     @torch.no_grad()
     def rank(self, audio: np.ndarray, video: np.ndarray, names: list[str], encoder=None) -> list[Ranked]:
-        from avlowshot.train.trainer import encode_samples
+        from avlowshot.train.trainer import class_scores, encode_samples
 
         store = self._store(audio, video)
         rows, known = self.text_rows(names, encoder)
         method, device = self.method, self.ctx.device
         codes = encode_samples(method, store, np.arange(1), device, 1)
-        if method.needs_label_space:
-            if any(k is None for k in known):
-                new = names[known.index(None)]
-                raise AvlowshotError(
-                    f"'{new}' is not in the label space of this {self.ctx.cfg.method} run: its classifier scores only "
-                    "the classes it was trained on"
-                )
-            class_codes = method.encode_classes(rows.to(device), class_ids=torch.as_tensor(known, dtype=torch.int64))
-        else:
-            class_codes = method.encode_classes(rows.to(device))
-        scores = method.scores(codes, class_codes).float().cpu()[0]
+        if method.needs_label_space and any(k is None for k in known):
+            raise AvlowshotError(
+                f"'{names[known.index(None)]}' is not in the label space of this {self.ctx.cfg.method} run: its "
+                "classifier scores only the classes it was trained on"
+            )
+        ids = torch.as_tensor([-1 if k is None else k for k in known], dtype=torch.int64)
+        scores = class_scores(method, codes, rows.to(device), ids).float().cpu()[0]
         seen = set(self.ctx.protocol.stage2_train.classes.tolist())
         is_seen = torch.tensor([k is not None and k in seen for k in known])
         sign = 1.0 if method.score_kind == "distance" else -1.0

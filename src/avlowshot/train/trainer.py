@@ -116,6 +116,14 @@ def encode_samples(
         method.train(was_training)
 
 
+def class_scores(method, codes, class_text: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
+    """``[N, C]`` scores of encoded samples against classes given by text rows and global ids (classifier methods
+    read their columns of ``class_ids``, the others encode ``class_text``)."""
+    if method.needs_label_space:
+        return method.scores(codes, method.encode_classes(class_text, class_ids=class_ids))
+    return method.scores(codes, method.encode_classes(class_text))
+
+
 @torch.no_grad()
 def score_split(
     method,
@@ -134,11 +142,7 @@ def score_split(
     method.eval()
     try:
         class_text = text[torch.as_tensor(classes, device=text.device)]
-        if method.needs_label_space:  # classifier methods: scored at the split's columns
-            class_codes = method.encode_classes(class_text, class_ids=torch.as_tensor(classes, dtype=torch.int64))
-        else:
-            class_codes = method.encode_classes(class_text)
-        scores = method.scores(codes, class_codes)
+        scores = class_scores(method, codes, class_text, torch.as_tensor(classes, dtype=torch.int64))
     finally:
         method.train(was_training)
     labels = store.labels[torch.as_tensor(split.indices, dtype=torch.int64)]
