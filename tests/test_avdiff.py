@@ -199,6 +199,18 @@ def test_cli_run_avdiff_layout(synth_root, tmp_path):
     _check_record(json.loads((run_dir / "result.json").read_text()), "avdiff")
     for d in ("stage-1/base", "stage-1/full", "stage-2/base", "stage-2/repeat-0", "stage-2/repeat-2"):
         assert (run_dir / d / "summary.json").is_file()
+    # predict ranks names of the classifier's label space and refuses others
+    rng = np.random.default_rng(0)
+    feats = tmp_path / "one.npz"
+    np.savez(feats, audio=rng.integers(0, 255, (6, 128), dtype=np.uint8),
+             video=rng.random((9, 4096), dtype=np.float32), class_name=np.str_("x"))  # fmt: skip
+    names = (root / "class-split" / "all_class.txt").read_text().split()[:3]
+    ask = ["predict", "--run-dir", str(run_dir), "--features", str(feats), "--cache-dir", str(tmp_path / "cache")]
+    res = runner.invoke(app, ask + ["--classes", ", ".join(names)])
+    assert res.exit_code == 0, res.output
+    assert all(n in res.output for n in names) and "probability" in res.output
+    res = runner.invoke(app, ask + ["--classes", f"{names[0]}, juggling kittens"])
+    assert res.exit_code == 2 and "not a class of this run" in res.output
 
 
 def test_cli_run_derived_from_tcaf_cls(synth_root, tmp_path):
