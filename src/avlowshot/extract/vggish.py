@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from avlowshot.errors import DataError, WeightsError
-from avlowshot.extract.c3d import load_checked, read_state_dict, state_width
+from avlowshot.extract.weights import load_checked, read_state_dict, state_width
 
 VGGISH_WEIGHTS_NAME = "pytorch_vggish.pth"
 VGGISH_PCA_NAME = "vggish_pca_params.npz"
