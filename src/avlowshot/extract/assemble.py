@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from avlowshot.data.classes import read_class_list
+from avlowshot.data.classes import read_class_list, read_name_map
 from avlowshot.data.layouts import (
     CSV_TAG,
     EXTRACTOR_FILE,
@@ -144,7 +144,7 @@ def assemble(
     folders = video_folders(lists, {c: videos_of[c] for c in used}, seed)
     layouts = [get_layout(name) for name in LAYOUTS_OF[features]]
     names_csv = out / "class-split" / f"{CSV_TAG[dataset]}_w2v_class_names.csv"
-    manual = _read_manual(names_csv) if names_csv.is_file() else {}
+    manual = read_name_map(names_csv, "manual") if names_csv.is_file() else {}
     manual = {c: manual.get(c, readable_name(c)) for c in used}
 
     staging = out / f".assemble-{os.getpid()}"
@@ -214,9 +214,3 @@ def _move_into_place(staging: Path, out: Path) -> None:
         dst = out / src.relative_to(staging)
         dst.parent.mkdir(parents=True, exist_ok=True)
         os.replace(src, dst)
-
-
-def _read_manual(path: Path) -> dict[str, str]:
-    from avlowshot.data.classes import read_name_map
-
-    return read_name_map(path, "manual")

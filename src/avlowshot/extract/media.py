@@ -73,6 +73,18 @@ def decode(
     return Decoded(stack[pick], audio, float(fps), audio_rate, duration)
 
 
+def decode_job(args: tuple[int, Path, dict]) -> tuple[int, Decoded | str]:
+    """``(index, path, decode kwargs) -> (index, Decoded or the error text)``: one video for a decoding worker;
+    any failure becomes the message that goes to the failure log."""
+    index, path, kw = args
+    try:
+        return index, decode(path, **kw)
+    except DataError as exc:
+        return index, str(exc)
+    except Exception as exc:  # any decoder failure skips the video
+        return index, f"{path}: {type(exc).__name__}: {exc}"
+
+
 def _read_frames(container, frame_size, frame_pick) -> tuple[np.ndarray, list]:
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"

@@ -17,9 +17,7 @@ import csv
 import hashlib
 import json
 import multiprocessing
-import os
 import re
-import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -30,7 +28,8 @@ from typing import Any
 import numpy as np
 
 from avlowshot.errors import DataError, WeightsError
-from avlowshot.extract.media import VIDEO_SUFFIXES, decode
+from avlowshot.extract.media import VIDEO_SUFFIXES, decode_job
+from avlowshot.train.checkpoint import atomic_write_bytes
 
 FEATURE_SETS = ("cls", "clipclap")
 # The files each feature set loads from --weights (checksummed into extractor.json, so features made with other
@@ -201,19 +200,7 @@ def claim_work_dir(work: Path, identity: dict[str, Any]) -> None:
             )
         return
     (work / "videos").mkdir(parents=True, exist_ok=True)
-    atomic_write(meta, json.dumps(identity, indent=2, sort_keys=True).encode())
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(meta, json.dumps(identity, indent=2, sort_keys=True).encode())
 
 
 def save_video_features(path: Path, item: VideoItem, audio: np.ndarray, video: np.ndarray) -> None:
@@ -221,7 +208,7 @@ def save_video_features(path: Path, item: VideoItem, audio: np.ndarray, video: n
 
     buf = io.BytesIO()
     np.savez(buf, audio=audio, video=video, class_name=np.str_(item.class_name), source=np.str_(str(item.path)))
-    atomic_write(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def load_video_features(path: Path) -> tuple[np.ndarray, np.ndarray, str]:
@@ -235,24 +222,15 @@ def load_video_features(path: Path) -> tuple[np.ndarray, np.ndarray, str]:
         ) from None
 
 
-def _decode_job(args) -> tuple[int, Any]:
-    index, path, kw = args
-    try:
-        return index, decode(path, **kw)
-    except DataError as exc:
-        return index, str(exc)
-    except Exception as exc:  # any decoder failure skips the video; the error goes to the log
-        return index, f"{path}: {type(exc).__name__}: {exc}"
-
-
 def _decoded(todo: list[VideoItem], kw: dict, workers: int) -> Iterator[tuple[int, Any]]:
     jobs = [(i, it.path, kw) for i, it in enumerate(todo)]
     if workers <= 0:
-        yield from map(_decode_job, jobs)
+        yield from map(decode_job, jobs)
         return
-    # decoding (PyAV, numpy) runs in worker processes while this one runs the backbones
+    # decoding (PyAV, numpy) runs in worker processes while this one runs the backbones; the job lives in
+    # media.py so a worker imports only PyAV and numpy, not torch
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        yield from pool.imap(_decode_job, jobs, chunksize=1)
+        yield from pool.imap(decode_job, jobs, chunksize=1)
 
 
 def extract_videos(
@@ -297,7 +275,7 @@ def extract_videos(
             on_video(done + len(failed), len(todo))
     log = work / f"failed-{i}of{n}.jsonl"
     lines = "".join(json.dumps({"video_id": v, "error": e}) + "\n" for v, e in failed)
-    atomic_write(log, lines.encode())
+    atomic_write_bytes(log, lines.encode())
     return ExtractReport(len(mine), done, len(mine) - len(todo), failed, time.perf_counter() - t0, log)
 
 
