@@ -95,6 +95,47 @@ def check_data(
     console.print("[green]ok[/]: every file read, every check passed")
 
 
+def _config_summary(names: list[str]) -> str:
+    """``ucf-cls, ucf-main, vggsound-cls, ...`` -> ``ucf, vggsound x cls, main`` when the names form a full grid."""
+    if not names:
+        return "(none: pass --config)"
+    pairs = [n.split("-", 1) for n in names]
+    datasets, rests = sorted({d for d, _ in pairs}), sorted({r for _, r in pairs})
+    if len(pairs) == len(datasets) * len(rests):
+        return f"{', '.join(datasets)} x {', '.join(rests)}"
+    return ", ".join(names)
+
+
+@app.command("methods")
+def methods(
+    name: str = typer.Argument(None, help="A method: print its model card (e.g. `avlowshot methods avca`)."),
+) -> None:
+    """List every method with its tasks, the layouts it reads and its shipped configs; with a name, its model card."""
+    from avlowshot.models import registry
+
+    try:
+        if name is not None:
+            registry.method_class(name)
+            console.print(registry.model_card(name), markup=False, highlight=False)
+            return
+    except AvlowshotError as exc:
+        raise fail(exc) from None
+    table = Table(title="methods (`avlowshot methods NAME` prints a model card)")
+    for col in ("method", "tasks", "input", "layouts", "shipped configs"):
+        table.add_column(col, overflow="fold")
+    for key in sorted(registry.METHODS):
+        cls = registry.METHODS[key]
+        configs = registry.shipped_configs(key)
+        table.add_row(
+            key,
+            ", ".join(t.upper() for t in cls.tasks),
+            cls.inputs,
+            ", ".join(cls.layouts),
+            _config_summary(configs),
+        )
+    console.print(table)
+
+
 from avlowshot import cli_bench, cli_extract, cli_run  # noqa: E402 - these commands need ``app``
 
 cli_run.register(app)

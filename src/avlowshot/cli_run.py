@@ -87,12 +87,14 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Train stage 1, retrain stage 2, test, and write result.json (or one part with --run)."""
         from avlowshot.data.layouts import get_layout
+        from avlowshot.models import registry
         from avlowshot.train import protocol
         from avlowshot.train.config import load_config
 
         _setup_logging(quiet)
         try:
             spec_layout = get_layout(layout)
+            registry.check_method_layout(method, layout, shots)
             cfg = load_config(
                 config,
                 method=method,

@@ -8,7 +8,7 @@ tensors may be memory-mapped from the cache, so a store larger than RAM costs on
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -38,6 +38,22 @@ class Modality:
     def __len__(self) -> int:
         return int(self.offsets.numel() - 1) if self.offsets is not None else int(self.data.shape[0])
 
+    def averaged(self, chunk: int = 4096) -> Modality:
+        """Each sample's mean over its rows, ``[N, D]`` float32 (a temporal feature set for methods on averaged
+        features). Computed ``chunk`` samples at a time, so a memory-mapped store is never converted whole."""
+        if self.offsets is None:
+            return self
+        n = len(self)
+        out = torch.empty(n, self.dim, dtype=torch.float32)
+        lengths = self.lengths()
+        if n and int(lengths.min()) < 1:
+            raise ValueError("a temporal sample without rows cannot be averaged")
+        for a in range(0, n, chunk):
+            b = min(a + chunk, n)
+            rows = self.data[int(self.offsets[a]) : int(self.offsets[b])].to(torch.float32)
+            out[a:b] = torch.segment_reduce(rows, "mean", lengths=lengths[a:b], axis=0)
+        return Modality(out, None, self.step_seconds)
+
 
 @dataclass
 class FeatureStore:
@@ -59,6 +75,12 @@ class FeatureStore:
     @property
     def temporal(self) -> bool:
         return self.audio.temporal
+
+    def averaged(self) -> FeatureStore:
+        """The same samples with each modality averaged over its valid rows (itself when already averaged)."""
+        if not self.temporal:
+            return self
+        return replace(self, audio=self.audio.averaged(), video=self.video.averaged())
 
     def in_folders(self, *names: str) -> np.ndarray:
         """Indices of the samples read from any of the given split folders (ascending)."""

@@ -58,6 +58,9 @@ class AVCA(Method):
     score_kind: ClassVar[str] = "distance"
     needs_negatives: ClassVar[bool] = True
     config_class: ClassVar[type[BaseModel]] = AVCAConfig
+    tasks: ClassVar[tuple[str, ...]] = ("gzsl", "gfsl")
+    layouts: ClassVar[tuple[str, ...]] = ("avca-cls", "avca-main", "tcaf-cls", "tcaf-main", "clipclap")
+    inputs: ClassVar[str] = "averaged"
 
     config: AVCAConfig
 

@@ -222,6 +222,9 @@ class AVDiff(Method):
     needs_negatives: ClassVar[bool] = False
     needs_label_space: ClassVar[bool] = True
     config_class: ClassVar[type[BaseModel]] = AVDiffConfig
+    tasks: ClassVar[tuple[str, ...]] = ("gfsl",)
+    layouts: ClassVar[tuple[str, ...]] = ("avdiff", "tcaf-cls")
+    inputs: ClassVar[str] = "temporal"
 
     config: AVDiffConfig
 

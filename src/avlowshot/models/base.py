@@ -74,6 +74,16 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
     """The method has a classifier over a fixed label space: it is built with ``classes=`` (global ids of the
     stage's classes) and :meth:`encode_classes` gets ``class_ids`` of the split's classes."""
 
+    tasks: ClassVar[tuple[str, ...]] = ("gzsl",)
+    """Protocols the method runs: ``"gzsl"`` and / or ``"gfsl"`` (``--shots k`` or the avdiff layout)."""
+
+    layouts: ClassVar[tuple[str, ...]] = ()
+    """The layouts (``--layout``) the method reads; any other is refused before anything is loaded."""
+
+    inputs: ClassVar[str] = "any"
+    """``"averaged"``: the method takes ``[B, D]`` features; a temporal layout is averaged over each video's valid
+    rows once, when the data is loaded. ``"temporal"``: ``[B, L, D]`` with masks. ``"any"``: the method copes."""
+
     @classmethod
     def curriculum(cls, cfg, compat: str = "none") -> list[Substage] | None:
         """The substages of a method trained in parts (e.g. AV-DIFF's base / full), or ``None``: one stage."""

@@ -82,6 +82,9 @@ class ClipClap(Method):
     needs_negatives: ClassVar[bool] = False
     needs_class_table: ClassVar[bool] = True  # losses() takes the split's class_text / class_ids (CE term)
     config_class: ClassVar[type[BaseModel]] = ClipClapConfig
+    tasks: ClassVar[tuple[str, ...]] = ("gzsl", "gfsl")
+    layouts: ClassVar[tuple[str, ...]] = ("clipclap",)
+    inputs: ClassVar[str] = "any"
 
     config: ClipClapConfig
 

@@ -17,11 +17,46 @@ from avlowshot.models.tcaf import TCAF
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (AVCA, AVDiff, ClipClap, TCAF)}
 
 
+def shipped_configs(name: str) -> list[str]:
+    """Names (``<dataset>-<features>[-<k>shot]``) of the configs shipped for method ``name``."""
+    from importlib import resources
+
+    folder = resources.files("avlowshot").joinpath("configs", name)
+    if not folder.is_dir():
+        return []
+    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def model_card(name: str) -> str:
+    """The method's model card: its module docstring (source, what is exact, what is proposed, parameter counts,
+    published numbers)."""
+    import sys
+
+    return (sys.modules[method_class(name).__module__].__doc__ or "").strip()
+
+
 def method_class(name: str) -> type[Method]:
     try:
         return METHODS[name]
     except KeyError:
         raise ConfigError(f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}") from None
+
+
+def check_method_layout(name: str, layout: str, shots: int | None = None) -> type[Method]:
+    """Refuse, before anything is loaded, a method on a layout it cannot read or a protocol it does not run."""
+    cls = method_class(name)
+    if cls.layouts and layout not in cls.layouts:
+        raise ConfigError(
+            f"--layout {layout}: method '{name}' cannot read this layout (it reads: {', '.join(cls.layouts)}); "
+            f"use one of those layouts, or see `avlowshot methods` for the methods that read {layout}"
+        )
+    task = "gfsl" if shots or layout == "avdiff" else "gzsl"
+    if task not in cls.tasks:
+        fix = "drop --shots" if task == "gfsl" and layout != "avdiff" else "pass --shots k (1, 5, 10 or 20)"
+        if task == "gfsl" and layout == "avdiff":
+            fix = "use a GZSL layout without --shots"
+        raise ConfigError(f"method '{name}' does not run {task.upper()} (it runs: {', '.join(cls.tasks)}); {fix}")
+    return cls
 
 
 def config_model(name: str) -> type[BaseModel]:

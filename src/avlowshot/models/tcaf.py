@@ -95,6 +95,9 @@ class TCAF(Method):
     needs_negatives: ClassVar[bool] = False
     needs_class_table: ClassVar[bool] = True  # the trainer passes class_text / class_ids of the training split
     config_class: ClassVar[type[BaseModel]] = TCAFConfig
+    tasks: ClassVar[tuple[str, ...]] = ("gzsl", "gfsl")
+    layouts: ClassVar[tuple[str, ...]] = ("tcaf-cls", "tcaf-main")
+    inputs: ClassVar[str] = "temporal"
 
     config: TCAFConfig
 

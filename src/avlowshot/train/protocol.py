@@ -124,7 +124,11 @@ class RunContext:
             cache_dir=load_kw.get("cache_dir"),
             rebuild_cache=load_kw.get("rebuild_cache", False),
         )
+        from avlowshot.models import registry
+
         self.store = self.bench.store
+        if registry.method_class(cfg.method).inputs == "averaged":
+            self.store = self.store.averaged()  # temporal layouts: each video's mean over its valid rows
         self.protocol = self.bench.protocol(info["shots"])
         self.task = self.protocol.task
         order = "official" if self.compat == "official" else "by-name"
@@ -692,6 +696,9 @@ def run(
         raise ConfigError(f"--compat {spec.compat}: expected one of {', '.join(COMPAT_MODES)}")
     if spec.cfg.method != spec.method:
         raise ConfigError(f"config is for method '{spec.cfg.method}', the run asks for '{spec.method}'")
+    from avlowshot.models import registry
+
+    registry.check_method_layout(spec.method, spec.layout, spec.shots)
     resolve_device(spec.device)  # fail before touching the disk
     info = _prepare_run_dir(spec, parts, resume)
     ctx = RunContext(
