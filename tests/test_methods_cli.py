@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -28,8 +27,22 @@ def test_methods_lists_every_registered_method_with_its_layouts():
 
 
 def test_unknown_method_lists_the_known_ones(tmp_path):
-    for args in (["methods", "avcaa"], ["run", "--method", "avcaa", "--layout", "avca-cls", "--dataset", "UCF",
-                                        "--root-dir", str(tmp_path), "--log-dir", str(tmp_path / "runs")]):
+    for args in (
+        ["methods", "avcaa"],
+        [
+            "run",
+            "--method",
+            "avcaa",
+            "--layout",
+            "avca-cls",
+            "--dataset",
+            "UCF",
+            "--root-dir",
+            str(tmp_path),
+            "--log-dir",
+            str(tmp_path / "runs"),
+        ],
+    ):
         res = runner.invoke(app, args)
         assert res.exit_code == 2
         assert "unknown method 'avcaa'" in res.output and ", ".join(sorted(registry.METHODS)) in res.output
@@ -70,5 +83,3 @@ def test_an_averaged_method_learns_on_a_temporal_layout(synth_root, tmp_path, on
     rec = json.loads((tmp_path / "runs" / "avca_UCF_tcaf-cls_seed42" / "result.json").read_text())
     chance = 100 / len(rec["per_class"])
     assert rec["metrics"]["seen"] > 3 * chance and rec["metrics"]["unseen"] > 3 * chance, rec["metrics"]
-
-
