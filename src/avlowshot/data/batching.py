@@ -64,8 +64,10 @@ def _gather_temporal(
     idx: torch.Tensor,
     max_len: int | None = None,
     starts: torch.Tensor | None = None,
+    tight: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pad (and optionally crop to ``max_len`` rows from ``starts``) the sequences of ``idx``."""
+    """Pad (and optionally crop to ``max_len`` rows from ``starts``) the sequences of ``idx``; ``tight``: pad only to
+    the longest cropped sequence of the batch instead of ``max_len``."""
     begin = mod.offsets[idx]
     length = mod.offsets[idx + 1] - begin
     if starts is not None:
@@ -73,7 +75,8 @@ def _gather_temporal(
         length = length - starts
     if max_len is not None:
         length = length.clamp(max=max_len)
-    width = int(max_len if max_len is not None else (int(length.max()) if len(length) else 0))
+    longest = int(length.max()) if len(length) else 0
+    width = longest if max_len is None or tight else int(max_len)
     batch = idx.numel()
     pos = torch.arange(width)
     mask = pos.unsqueeze(0) < length.unsqueeze(1)  # [B, L]
@@ -131,12 +134,14 @@ def gather(
     indices: np.ndarray | torch.Tensor,
     window: SequenceWindow | None = None,
     draws: torch.Tensor | None = None,
+    tight: bool = False,
 ) -> Batch:
     """The samples ``indices`` of ``store`` as one batch (temporal features padded to the longest sequence).
 
     With a ``window``, temporal features are cut / padded to the window's fixed lengths instead, at random starts
     from ``draws`` (``[B]`` uniforms, training) or centred (``draws=None``, evaluation). Times restart at 0 at the
-    first kept row."""
+    first kept row. ``tight`` (evaluation): windows are padded only to the batch's longest cropped sequence; with
+    the masks that changes no score, only the padding work."""
     idx = torch.as_tensor(np.asarray(indices), dtype=torch.int64)
     labels = store.labels[idx]
     if not store.temporal:
@@ -147,9 +152,21 @@ def gather(
     else:
         la, lv = window.lengths(store)
         sa, sv = window.starts(store, idx, draws)
-        a, am, at = _gather_temporal(store.audio, idx, la, sa)
-        v, vm, vt = _gather_temporal(store.video, idx, lv, sv)
+        a, am, at = _gather_temporal(store.audio, idx, la, sa, tight)
+        v, vm, vt = _gather_temporal(store.video, idx, lv, sv, tight)
     return Batch(a, v, labels, am, vm, at, vt)
+
+
+def length_order(store: FeatureStore, indices: np.ndarray, window: SequenceWindow | None = None) -> np.ndarray:
+    """Positions into ``indices`` that sort its samples by (video, audio) rows as collated (cropped to the window),
+    so that evaluation batches hold sequences of similar length and pay little for padding. Stable: equal lengths
+    keep their store order."""
+    idx = torch.as_tensor(np.asarray(indices), dtype=torch.int64)
+    lv, la = store.video.lengths()[idx], store.audio.lengths()[idx]
+    if window is not None:
+        wa, wv = window.lengths(store)
+        la, lv = la.clamp(max=wa), lv.clamp(max=wv)
+    return np.lexsort((la.numpy(), lv.numpy()))
 
 
 class ClassBalancedSampler:

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from avlowshot.data.batching import Batch, ClassBalancedSampler, SequenceWindow, gather
+from avlowshot.data.batching import Batch, ClassBalancedSampler, SequenceWindow, gather, length_order
 from avlowshot.data.splits import EvalSplit
 from avlowshot.data.store import FeatureStore
 from avlowshot.errors import AvlowshotError
@@ -95,22 +95,39 @@ def resolve_device(name: str) -> torch.device:
 def encode_samples(
     method, store: FeatureStore, indices: np.ndarray, device: torch.device, batch_size: int, phase: str = "test"
 ):
-    """Sample codes of ``indices`` in order, in eval mode, ``batch_size`` at a time."""
+    """Sample codes of ``indices`` in order, in eval mode, ``batch_size`` at a time.
+
+    Temporal samples are encoded in order of length (each batch padded only to its own longest sequence) and the
+    codes put back in the order of ``indices``: with masks the codes are the same, the padding work is not."""
     was_training = method.training
     method.eval()
     window = method.sequence_window(training=False, phase=phase)
+    indices = np.asarray(indices)
+    order = length_order(store, indices, window) if store.temporal else None
+    ordered = indices if order is None else indices[order]
     try:
         parts = []
-        for start in range(0, len(indices), batch_size):
-            batch = gather(store, indices[start : start + batch_size], window)
+        for start in range(0, len(ordered), batch_size):
+            batch = gather(store, ordered[start : start + batch_size], window, tight=True)
             batch = batch.padded(getattr(method, "pad_multiple", 1)).to(device, non_blocking=True)
             parts.append(method.encode_samples(batch))
+        if order is None:
+            restore = None
+        else:
+            restore = torch.empty(len(order), dtype=torch.int64)
+            restore[torch.as_tensor(order)] = torch.arange(len(order))
+            restore = restore.to(device)
+
+        def cat(chunks):
+            out = torch.cat(chunks)
+            return out if restore is None else out[restore]
+
         if isinstance(parts[0], torch.Tensor):
-            return torch.cat(parts)
+            return cat(parts)
         if isinstance(parts[0], tuple | list):
-            return type(parts[0])(torch.cat(p) for p in zip(*parts, strict=True))
+            return type(parts[0])(cat(p) for p in zip(*parts, strict=True))
         if isinstance(parts[0], dict):
-            return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+            return {k: cat([p[k] for p in parts]) for k in parts[0]}
         raise TypeError(f"encode_samples returned {type(parts[0]).__name__}")
     finally:
         method.train(was_training)
