@@ -112,11 +112,16 @@ def methods(
 ) -> None:
     """List every method with its tasks, the layouts it reads and its shipped configs; with a name, its model card."""
     from avlowshot.models import registry
+    from avlowshot.train.config import variant_files
 
     try:
         if name is not None:
             registry.method_class(name)
             console.print(registry.model_card(name), markup=False, highlight=False)
+            console.print(f"\nshipped configs: {_config_summary(registry.shipped_configs(name))}", markup=False)
+            variants = sorted(variant_files(name))
+            if variants:
+                console.print(f"variants (run --variant NAME): {', '.join(variants)}", markup=False)
             return
     except AvlowshotError as exc:
         raise fail(exc) from None
@@ -131,7 +136,7 @@ def methods(
             ", ".join(t.upper() for t in cls.tasks),
             cls.inputs,
             ", ".join(cls.layouts),
-            _config_summary(configs),
+            _config_summary(configs) + (f" (+ variants: {', '.join(sorted(v))})" if (v := variant_files(key)) else ""),
         )
     console.print(table)
 

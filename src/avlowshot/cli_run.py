@@ -77,6 +77,9 @@ def register(app: typer.Typer) -> None:
         set_: list[str] = typer.Option([], "--set", help="Override a config key: key=value or model.key=value."),
         seed: int = typer.Option(None, help="Seed (default: the config's, 42)."),
         shots: int = typer.Option(None, help="GFSL: shots per novel class (avdiff layout, or derived from GZSL)."),
+        variant: str = typer.Option(
+            None, help="A named variant of the method (an ablation row, e.g. av-gan); `avlowshot methods M` lists them."
+        ),
         run: str = typer.Option("all", "--run", help="all | stage-1 | stage-2 | eval"),
         resume: bool = typer.Option(False, help="Continue the run directory from its last finished epoch."),
         device: str = typer.Option("cpu", help="cpu | cuda"),
@@ -103,6 +106,7 @@ def register(app: typer.Typer) -> None:
                 overrides=set_,
                 seed=seed,
                 shots=shots,
+                variant=variant,
             )
             spec = protocol.RunSpec(
                 method=method,

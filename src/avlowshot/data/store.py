@@ -54,6 +54,22 @@ class Modality:
             out[a:b] = torch.segment_reduce(rows, "mean", lengths=lengths[a:b], axis=0)
         return Modality(out, None, self.step_seconds)
 
+    def means(self, indices: torch.Tensor, normalize_rows: bool = False) -> torch.Tensor:
+        """``[len(indices), D]`` float32: each listed sample's mean over its rows (its own vector when averaged);
+        ``normalize_rows`` L2-normalises every row first."""
+        idx = torch.as_tensor(indices, dtype=torch.int64)
+        if self.offsets is None:
+            x = self.data[idx].to(torch.float32)
+            return torch.nn.functional.normalize(x, dim=-1) if normalize_rows else x
+        begin, lengths = self.offsets[idx], self.lengths()[idx]
+        rows = torch.repeat_interleave(begin - torch.cumsum(lengths, 0) + lengths, lengths) + torch.arange(
+            int(lengths.sum())
+        )
+        x = self.data[rows].to(torch.float32)
+        if normalize_rows:
+            x = torch.nn.functional.normalize(x, dim=-1)
+        return torch.segment_reduce(x, "mean", lengths=lengths, axis=0)
+
 
 @dataclass
 class FeatureStore:

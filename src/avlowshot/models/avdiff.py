@@ -42,6 +42,25 @@ Reference quirks (specs §10) that live in the model, fixed by default and repro
 Kept in both modes: the short linear schedule (q(x_T|x_0) is not N(0, I)), noise added at the last step, the raw
 integer time step and a LeakyReLU on the epsilon network's input, L_diff not detached from ``theta_o``, the CE
 through the sampler, the dead CalibrationNet (built for the parameter count and the init RNG, never called).
+
+Ablations of the paper (Tables 3-6; the reference code has none of them), each a shipped variant
+(``avlowshot run --method avdiff --shots 5 --variant NAME``; ``configs/avdiff/variants/``) and a model key:
+
+* Table 3 fusion (``fusion``): ``full-attention`` (full attention in every layer), ``cross-attention`` (cross-modal
+  + class token), ``self-attention`` (within-modality + class token), ``alternate`` (within-modality and full
+  layers alternating; PROPOSED reading, ``fusion: cross`` / ``self`` / ``full`` give the other schedules).
+  Published 5-shot HM: UCF 54.90 / 57.77 / 47.18 / 56.00 against AV-DIFF's 59.96.
+* Table 4 generator (``generator: wgan``, variant ``av-gan``): a conditional WGAN-GP in the 64-d theta_o space
+  (PROPOSED, baselines.md §3.11): G ``[z (latent_generator) ; w] -> generator_hidden_size -> 64``, critic
+  ``[theta ; w] -> discriminator_hidden_size -> 1``, LeakyReLU 0.2, gradient penalty 10, one critic step per
+  generator step under the run's single Adam (the critic's loss sees detached fakes, the generator's loss a detached
+  copy of the critic). Published UCF 5-shot HM 50.56.
+* Table 5 inputs (``modalities: audio|video``, variants ``audio`` / ``visual``): one modality's tokens and the class
+  token, full attention in every layer, as the paper says. Published UCF 5-shot HM 45.87 / 42.14.
+* Table 6 condition (``conditioning: av_prot``, variant ``av-prot``): the generator is conditioned on class
+  prototypes instead of word2vec: per class, the mean over the stage's training samples (base: all, novel: the k
+  shots) of each video's mean audio / 255 and mean L2-normalised video row, concatenated (4224-d) and
+  L2-normalised (PROPOSED normalisation). Published UCF 5-shot HM 56.26.
 """
 
 from __future__ import annotations
@@ -89,7 +108,27 @@ class AVDiffConfig(BaseModel):
     transformer_embedding_fourier_scale: float = 10.0
     transformer_embedding_modality: bool = True
     output_dimension_transformer: int = Field(64, ge=1, description="O: theta_o width (paper d_out)")
-    diffusion: bool = Field(True, description="false: no DDPM loss and no synthetic novel features (ablation)")
+    fusion: Literal["hybrid", "full", "cross", "self", "alternate"] = Field(
+        "hybrid",
+        description="attention per layer (Table 3): hybrid = within-modality for the first layer_change_attention "
+        "layers then full; full / cross / self in every layer (class token always global); alternate = self, full, "
+        "self, ... (PROPOSED)",
+    )
+    modalities: Literal["both", "audio", "video"] = Field(
+        "both", description="Table 5: one modality's tokens only (with full attention, as the paper)"
+    )
+    conditioning: Literal["word2vec", "av_prot"] = Field(
+        "word2vec",
+        description="Table 6: the generator's condition; av_prot = concatenated audio and visual class means of the "
+        "stage's training samples (PROPOSED: inputs normalised as the model's, L2-normalised)",
+    )
+    generator: Literal["diffusion", "wgan"] = Field(
+        "diffusion", description="Table 4: the DDPM, or a conditional WGAN-GP in the theta_o space (AV-GAN, PROPOSED)"
+    )
+    latent_generator: int = Field(64, ge=1, description="wgan: noise width (the reference's dead key)")
+    discriminator_hidden_size: int = Field(64, ge=1, description="wgan: critic hidden width (reference's dead key)")
+    gan_gradient_penalty: float = Field(10.0, ge=0, description="wgan: lambda of the gradient penalty")
+    diffusion: bool = Field(True, description="false: no generator loss and no synthetic novel features (ablation)")
     diffusion_steps: int = Field(100, ge=1, description="T")
     generator_hidden_size: int = Field(128, ge=1, description="epsilon network hidden width H")
     number_layers_diffusion: int = Field(1, ge=1)
@@ -200,6 +239,55 @@ class CalibrationNet(nn.Module):
         return self.net(x)
 
 
+class ConditionalWGAN(nn.Module):
+    """AV-GAN (AV-DIFF Table 4, PROPOSED after baselines.md §3.11): ``G([z ; w]) -> hidden -> theta`` and the
+    critic ``D([theta ; w]) -> hidden -> 1`` (LeakyReLU 0.2), trained by WGAN-GP in the 64-d theta_o space.
+
+    One optimiser steps both: :meth:`loss` adds the critic loss (fakes detached) and the generator loss read
+    through a detached copy of the critic's weights, so each network only gets its own gradient."""
+
+    def __init__(self, x_dim: int, w_dim: int, latent: int, g_hidden: int, d_hidden: int, gp: float):
+        super().__init__()
+        self.latent, self.gp = latent, gp
+        self.G = nn.Sequential(nn.Linear(latent + w_dim, g_hidden), nn.LeakyReLU(0.2), nn.Linear(g_hidden, x_dim))
+        self.D = nn.Sequential(nn.Linear(x_dim + w_dim, d_hidden), nn.LeakyReLU(0.2), nn.Linear(d_hidden, 1))
+
+    def sample(self, w: Tensor, dim: int | None = None) -> Tensor:
+        z = torch.randn(w.shape[0], self.latent).to(w.device)
+        return self.G(torch.cat((z, w.to(z.dtype)), dim=-1))
+
+    def critic(self, x: Tensor, w: Tensor, frozen: bool = False) -> Tensor:
+        inp = torch.cat((x, w.to(x.dtype)), dim=-1)
+        if not frozen:
+            return self.D(inp)
+        params = {k: v.detach() for k, v in self.D.named_parameters()}
+        return torch.func.functional_call(self.D, params, (inp,))
+
+    def loss(self, x0: Tensor, w: Tensor, fake: Tensor | None = None) -> Tensor:
+        """Critic ``D(fake) - D(real) + gp * (|grad D(mix)| - 1)^2`` plus generator ``-D(fake)``."""
+        real = x0.detach()
+        if fake is None:
+            fake = self.sample(w)
+        mix_w = torch.rand(real.shape[0], 1, device=real.device)
+        mix = (mix_w * real + (1 - mix_w) * fake.detach()).requires_grad_(True)
+        grad = torch.autograd.grad(self.critic(mix, w).sum(), mix, create_graph=True)[0]
+        penalty = ((grad.norm(dim=1) - 1) ** 2).mean()
+        l_critic = self.critic(fake.detach(), w).mean() - self.critic(real, w).mean() + self.gp * penalty
+        return l_critic - self.critic(fake, w, frozen=True).mean()
+
+
+def fusion_rules(c: AVDiffConfig) -> list[str]:
+    """The attention rule of every layer (Table 3 variants; unimodal inputs use full attention, Table 5)."""
+    depth = c.transformer_depth
+    if c.modalities != "both" or c.fusion == "full":
+        return ["full"] * depth
+    if c.fusion == "hybrid":
+        return ["self"] * c.layer_change_attention + ["full"] * (depth - c.layer_change_attention)
+    if c.fusion == "alternate":
+        return [("self", "full")[i % 2] for i in range(depth)]
+    return [c.fusion] * depth
+
+
 def official_novel_text(text: Tensor, novel_labels: np.ndarray) -> Tensor:
     """The reference's novel-loader text table (specs §1.5): a copy of ``text`` [K, Dt] in which novel class c
     (in ``novel_labels``, the labels of the novel split in sample order) gets the vector of the class at position
@@ -243,13 +331,23 @@ class AVDiff(Method):
         self.cls_token, self.position_encoder_block, self.Audio_visual_transformer = token_fusion(c, d, d)
         self.classifier = nn.Linear(o, len(self.label_space))
         self.O_proj = EmbeddingNet(d, o, c.decoder_dropout, c.decoder_hidden_size, hidden_bn=bn)
-        self.generator = EpsilonNet(
-            o, dims.text, c.generator_hidden_size, c.number_layers_diffusion, c.use_diffusion_batch_norm,
-            c.diffusion_dropout_value,
-        )  # fmt: skip
+        w_dim = dims.audio + dims.video if c.conditioning == "av_prot" else dims.text
+        if c.generator == "diffusion":
+            self.generator = EpsilonNet(
+                o, w_dim, c.generator_hidden_size, c.number_layers_diffusion, c.use_diffusion_batch_norm,
+                c.diffusion_dropout_value,
+            )  # fmt: skip
         self.discriminator_seen_novel = CalibrationNet(o, c.calibration_net_hidden_size)
-        self.diffusion = DenoiseDiffusion(self.generator, c.diffusion_steps)
-        self.rules = ["self"] * c.layer_change_attention + ["full"] * (c.transformer_depth - c.layer_change_attention)
+        if c.generator == "diffusion":
+            self.diffusion = DenoiseDiffusion(self.generator, c.diffusion_steps)
+        else:
+            self.diffusion = ConditionalWGAN(
+                o, w_dim, c.latent_generator, c.generator_hidden_size, c.discriminator_hidden_size,
+                c.gan_gradient_penalty,
+            )  # fmt: skip
+        self.rules = fusion_rules(c)
+        # av_prot conditioning: class prototypes of the stage's training samples (observe_training_set)
+        self.register_buffer("prototypes", torch.zeros(0, w_dim), persistent=False)
         self.frozen = False
 
     # ------------------------------------------------------------------------------------------------------------
@@ -285,6 +383,27 @@ class AVDiff(Method):
                     p.requires_grad_(False)
             self.frozen = True
             self.train(self.training)
+
+    def observe_training_set(self, store, indices) -> None:
+        """av_prot: the prototype of every class trained on = the mean over its training samples of the
+        concatenated per-video means of the model's inputs (audio / 255, video rows L2-normalised), L2-normalised."""
+        if self.config.conditioning != "av_prot":
+            return
+        idx = torch.as_tensor(np.asarray(indices), dtype=torch.int64)
+        x = torch.cat((store.audio.means(idx) / 255.0, store.video.means(idx, normalize_rows=True)), dim=1)
+        labels = store.labels[idx]
+        n_classes = len(store.classes)
+        sums = torch.zeros(n_classes, x.shape[1]).index_add_(0, labels, x)
+        counts = torch.bincount(labels, minlength=n_classes).clamp(min=1).unsqueeze(1)
+        self.prototypes = F.normalize(sums / counts, dim=1).to(self.label_space.device)
+
+    def _condition(self, text: Tensor, labels: Tensor) -> Tensor:
+        """The generator's condition of each sample: its word vector, or its class prototype (av_prot)."""
+        if self.config.conditioning == "word2vec":
+            return text
+        if self.prototypes.shape[0] == 0:
+            raise RuntimeError("av_prot conditioning needs observe_training_set() before training")
+        return self.prototypes[labels.to(self.prototypes.device)]
 
     def stream_text(self, text: Tensor, labels) -> Tensor:
         """Official mode: the reference's novel-loader pairing of samples and word vectors (specs §1.5)."""
@@ -328,13 +447,20 @@ class AVDiff(Method):
                 f"{tuple(batch.audio.shape)} and video {tuple(batch.video.shape)}: use the avdiff or a tcaf-* layout"
             )
         am, vm = batch.audio_mask, batch.video_mask
-        a = batch.audio / 255.0
-        v = F.normalize(batch.video, dim=1 if self.official else -1)  # official: each channel over time (§3.1)
-        fa = self._rows(self.A_enc, a, am)
-        fv = self._rows(self.V_enc, v, vm)
         emb = self.position_encoder_block
-        za = emb.embed(0, fa, am, batch.audio_time)
-        zv = emb.embed(1, fv, vm, batch.video_time)
+        use = self.config.modalities
+        za = zv = None
+        if use != "video":
+            fa = self._rows(self.A_enc, batch.audio / 255.0, am)
+            za = emb.embed(0, fa, am, batch.audio_time)
+        if use != "audio":
+            v = F.normalize(batch.video, dim=1 if self.official else -1)  # official: each channel over time (§3.1)
+            fv = self._rows(self.V_enc, v, vm)
+            zv = emb.embed(1, fv, vm, batch.video_time)
+        if za is None:  # unimodal (Table 5): the other modality contributes no tokens
+            za, am = zv[:, :0], vm[:, :0]
+        if zv is None:
+            zv, vm = za[:, :0], am[:, :0]
         b = za.shape[0]
         x = torch.cat((self.cls_token.expand(b, -1, -1).to(za.dtype), za, zv), dim=1)
         valid = torch.cat((am.new_ones(b, 1), am, vm), dim=1)
@@ -366,14 +492,17 @@ class AVDiff(Method):
         c = self.config
         theta_o = self._theta_o(batch)
         y = self.columns(batch.labels)
+        cond = self._condition(text, batch.labels)
         fake = None
         if c.diffusion and (stream == "novel" or self.official):  # official: sampled in every forward (quirk 5)
-            fake = self.diffusion.sample(text, theta_o.shape[-1])
+            fake = self.diffusion.sample(cond, theta_o.shape[-1])
         out = {"l_ce": F.cross_entropy(self.classifier(theta_o), y)}
         if fake is not None and stream == "novel":
             out["l_ce_fake"] = F.cross_entropy(self.classifier(fake), y)
-        if c.diffusion:
-            out["l_diff"] = self.diffusion.loss(theta_o, text)
+        if c.diffusion and c.generator == "diffusion":
+            out["l_diff"] = self.diffusion.loss(theta_o, cond)
+        elif c.diffusion:
+            out["l_gan"] = self.diffusion.loss(theta_o, cond, fake)
         out["loss"] = sum(out.values())
         return out
 

@@ -89,6 +89,10 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
         """The substages of a method trained in parts (e.g. AV-DIFF's base / full), or ``None``: one stage."""
         return None
 
+    def observe_training_set(self, store, indices) -> None:  # noqa: B027 - optional hook, no-op by default
+        """Called by the trainer before a stage (or substage) trains, with the store and the store indices of every
+        sample it trains on (base and novel streams together), e.g. to compute class prototypes from them."""
+
     def enter_substage(self, name: str) -> None:  # noqa: B027 - optional hook
         """Called before a substage trains (e.g. to freeze parts of the model)."""
 

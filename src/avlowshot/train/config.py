@@ -62,6 +62,9 @@ class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
 
     method: str = Field(description="registered method name, e.g. avca")
+    variant: str | None = Field(
+        None, description="named variant of the method (an ablation row, `run --variant`); part of the run name"
+    )
     dataset: str | None = Field(None, description="benchmark the config was made for (checked against the run)")
     feature_set: str | None = Field(None, description="cls | main | clipclap (checked against the layout)")
     seed: int = Field(42, description="seed of model init, dropout and sampling (--seed overrides)")
@@ -268,6 +271,35 @@ def shipped_config(method: str, dataset: str, feature_set: str, shots: int | Non
     return Path(str(path))
 
 
+def variant_files(method: str) -> dict[str, Path]:
+    """The named variants shipped for ``method``: ``configs/<method>/variants/<name>.yaml``."""
+    folder = resources.files("avlowshot").joinpath("configs", method, "variants")
+    if not folder.is_dir():
+        return {}
+    return {p.name.removesuffix(".yaml"): Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
+
+
+def apply_variant(raw: dict, method: str, variant: str) -> None:
+    """Merge the shipped variant ``variant`` of ``method`` (a partial config: the keys an ablation changes) into the
+    raw config in place, before ``--set`` overrides, and record its name."""
+    known = variant_files(method)
+    if variant not in known:
+        have = ", ".join(sorted(known)) if known else "none"
+        raise ConfigError(f"--variant {variant}: method '{method}' has no such variant (shipped: {have})")
+    path = known[variant]
+    part = read_yaml(path)
+
+    def merge(into: dict, new: dict) -> None:
+        for key, value in new.items():
+            if isinstance(value, dict) and isinstance(into.get(key), dict):
+                merge(into[key], value)
+            else:
+                into[key] = copy.deepcopy(value)
+
+    merge(raw, part)
+    raw["variant"] = variant
+
+
 def load_config(
     path: str | Path | None,
     *,
@@ -277,9 +309,11 @@ def load_config(
     overrides: list[str] | tuple[str, ...] = (),
     seed: int | None = None,
     shots: int | None = None,
+    variant: str | None = None,
 ) -> RunConfig:
-    """Load a YAML config (default: the shipped one for method x dataset x feature set), apply ``--set`` overrides
-    and ``--seed``, validate, and check that it was made for this dataset and feature set."""
+    """Load a YAML config (default: the shipped one for method x dataset x feature set), merge a named ``variant``,
+    apply ``--set`` overrides and ``--seed``, validate, and check that it was made for this dataset and feature
+    set."""
     if path is None:
         if method is None or dataset is None or feature_set is None:
             raise ConfigError("no --config given and no method/dataset/feature set to find the shipped one")
@@ -295,6 +329,8 @@ def load_config(
     raw = read_yaml(path)
     if own:
         raw["dataset"] = dataset
+    if variant:
+        apply_variant(raw, method or raw.get("method"), variant)
     applied = apply_overrides(raw, list(overrides))
     if seed is not None:
         raw["seed"] = seed

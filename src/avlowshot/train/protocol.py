@@ -66,13 +66,23 @@ GZSL_KEYS = ("seen", "unseen", "hm", "zsl")
 GFSL_KEYS = ("base", "novel", "hm", "fsl")
 
 
-def run_name(method: str, dataset: str, layout: str, shots: int | None, seed: int, compat: str = "none") -> str:
+def run_name(
+    method: str,
+    dataset: str,
+    layout: str,
+    shots: int | None,
+    seed: int,
+    compat: str = "none",
+    variant: str | None = None,
+) -> str:
     name = f"{method}_{dataset}_{layout}"
     if shots:
         name += f"_{shots}shot"
     name += f"_seed{seed}"
     if compat != "none":
         name += f"_{compat}"
+    if variant:
+        name += f"_{variant}"
     return name
 
 
@@ -99,7 +109,9 @@ class RunSpec:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.log_dir) / run_name(self.method, self.dataset, self.layout, self.shots, self.seed, self.compat)
+        return Path(self.log_dir) / run_name(
+            self.method, self.dataset, self.layout, self.shots, self.seed, self.compat, self.cfg.variant
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -406,6 +406,8 @@ class Trainer:
             novel_sampler = ClassBalancedSampler(
                 self.store.labels.numpy(), novel_indices, cfg.batch_size, cfg.n_batches
             )
+        seen_by_method = train_indices if novel_indices is None else np.union1d(train_indices, novel_indices)
+        self.method.observe_training_set(self.store, seen_by_method)
         grid = sub.beta_grid if sub is not None and sub.beta_grid else cfg.beta_grid
         val_key = sub.val_metric if sub is not None else "hm"
         betas = metrics.beta_grid(grid) if val is not None else None
