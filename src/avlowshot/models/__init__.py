@@ -4,6 +4,8 @@ from avlowshot.models.avca import AVCA, AVCAConfig
 from avlowshot.models.avdiff import AVDiff, AVDiffConfig
 from avlowshot.models.base import InputDims, Method, Substage, count_parameters
 from avlowshot.models.clipclap import ClipClap, ClipClapConfig
+from avlowshot.models.fusion import AttentionFusion, Perceiver
+from avlowshot.models.hyperbolic import HyperAlignment, HyperMultiple, HyperSingle
 from avlowshot.models.registry import METHODS, build_method, config_model, validate_model_config
 from avlowshot.models.tcaf import TCAF, TCAFConfig
 
@@ -12,11 +14,16 @@ __all__ = [
     "AVCAConfig",
     "AVDiff",
     "AVDiffConfig",
+    "AttentionFusion",
     "ClipClap",
     "ClipClapConfig",
+    "HyperAlignment",
+    "HyperMultiple",
+    "HyperSingle",
     "InputDims",
     "METHODS",
     "Method",
+    "Perceiver",
     "Substage",
     "TCAF",
     "TCAFConfig",
