@@ -8,6 +8,7 @@ from avlowshot.models.fusion import AttentionFusion, Perceiver
 from avlowshot.models.hyperbolic import HyperAlignment, HyperMultiple, HyperSingle
 from avlowshot.models.registry import METHODS, build_method, config_model, validate_model_config
 from avlowshot.models.tcaf import TCAF, TCAFConfig
+from avlowshot.models.textmatch import TextMatch
 
 __all__ = [
     "AVCA",
@@ -27,6 +28,7 @@ __all__ = [
     "Substage",
     "TCAF",
     "TCAFConfig",
+    "TextMatch",
     "build_method",
     "config_model",
     "count_parameters",

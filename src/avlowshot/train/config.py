@@ -65,7 +65,7 @@ class RunConfig(BaseModel):
     dataset: str | None = Field(None, description="benchmark the config was made for (checked against the run)")
     feature_set: str | None = Field(None, description="cls | main | clipclap (checked against the layout)")
     seed: int = Field(42, description="seed of model init, dropout and sampling (--seed overrides)")
-    epochs: int = Field(50, ge=1, description="stage-1 epochs")
+    epochs: int = Field(50, ge=0, description="stage-1 epochs (0: no training, the initial model is evaluated)")
     substage_epochs: dict[str, int] = Field(
         default_factory=dict,
         description="stage-1 epochs of the later substages of curriculum methods (AV-DIFF: full); the first "
