@@ -128,7 +128,7 @@ def alignment_loss(
     if curvatures is None or not poincare:
         return align(phi_v, phi_a) + align(phi_v_neg, phi_a_neg)
     c_pos, c_neg = curvatures
-    if not isinstance(c_pos, Tensor) or c_pos.shape[-1] == 1:
+    if not isinstance(c_pos, Tensor) or c_pos.dim() == 0 or c_pos.shape[-1] == 1:
         return align(to_tangent(phi_v, c_pos), to_tangent(phi_a, c_pos)) + align(
             to_tangent(phi_v_neg, c_neg), to_tangent(phi_a_neg, c_neg)
         )

@@ -58,6 +58,7 @@ class TextMatch(Method):
     tasks: ClassVar[tuple[str, ...]] = ("gzsl",)
     layouts: ClassVar[tuple[str, ...]] = ("clipclap",)
     inputs: ClassVar[str] = "averaged"
+    trainable: ClassVar[bool] = False  # zero-epoch stages
 
     config: TextMatchConfig
 

@@ -231,6 +231,12 @@ def validate_config(
     except ValidationError as exc:
         _raise_validation(exc, source, overrides, prefix="model.")
     cfg.model = model.model_dump(mode="json")
+    if not registry.method_class(cfg.method).trainable and cfg.epochs != 0:
+        where = f"--set epochs={overrides['epochs']}" if "epochs" in overrides else source
+        raise ConfigError(
+            f"{where}: 'epochs': method '{cfg.method}' has no trainable parameters: it runs zero-epoch stages "
+            f"(set epochs: 0)"
+        )
     _check_substage_epochs(cfg, source, overrides)
     return cfg
 
