@@ -102,12 +102,15 @@ def test_padding_does_not_change_the_eval_outputs(method, head):
     torch.manual_seed(0)
     model = _tiny(method, head).eval()
     batch = _batch(torch.Generator().manual_seed(1), [3, 5, 2], [4, 7, 3])
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        return torch.cat((t, torch.zeros(t.shape[0], 6, *t.shape[2:], dtype=t.dtype)), 1)
+
+    def later(t: torch.Tensor) -> torch.Tensor:
+        return torch.cat((t, t[:, -1:] + torch.arange(1, 7)), 1)
+
     padded = Batch(
-        *(torch.cat((t, torch.zeros(t.shape[0], 6, *t.shape[2:], dtype=t.dtype)), 1)
-          for t in (batch.audio, batch.video)),
-        batch.labels,
-        *(torch.cat((m, torch.zeros(m.shape[0], 6, dtype=torch.bool)), 1) for m in (batch.audio_mask, batch.video_mask)),
-        *(torch.cat((t, t[:, -1:] + torch.arange(1, 7)), 1) for t in (batch.audio_time, batch.video_time)),
+        pad(batch.audio), pad(batch.video), batch.labels, pad(batch.audio_mask), pad(batch.video_mask),
+        later(batch.audio_time), later(batch.video_time),
     )  # fmt: skip
     with torch.no_grad():
         torch.testing.assert_close(model.encode_samples(padded), model.encode_samples(batch), rtol=1e-5, atol=1e-6)
