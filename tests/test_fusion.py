@@ -102,6 +102,7 @@ def test_padding_does_not_change_the_eval_outputs(method, head):
     torch.manual_seed(0)
     model = _tiny(method, head).eval()
     batch = _batch(torch.Generator().manual_seed(1), [3, 5, 2], [4, 7, 3])
+
     def pad(t: torch.Tensor) -> torch.Tensor:
         return torch.cat((t, torch.zeros(t.shape[0], 6, *t.shape[2:], dtype=t.dtype)), 1)
 
