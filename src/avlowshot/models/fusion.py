@@ -30,6 +30,10 @@ keys) and one latent self-attention layer (TCAF's shared-norm layer, 8 x 64, no 
 Alternatives: ``num_latents`` (grid 16 / 32 / 64), ``cross_heads``, ``feed_forward: geglu`` (lucidrains' GEGLU x 4
 in place of TCAF's GELU MLP of ``transformer_mlp_dim``).
 
+**Audio scale.** TCAF divides audio by 255 (meant for uint8 VGGish) also on SeLaVi floats, where its per-token BN
+absorbs the scale. Averaged SeLaVi audio / 255 has a variance below BatchNorm's eps, which silences the audio
+branch (synthetic UCF main: val HM 0.0 vs 22.9), so the Attention Fusion main configs set ``audio_divisor: 1``.
+
 **Time stamps.** The collator's seconds (0.96 s audio / 0.64 s video rows) in training and evaluation; under
 ``--compat official`` the ``zsl`` head evaluates at row indices 0, 1, 2, ... as TCAF's reference does (the ``fsl``
 head keeps seconds, AV-DIFF's convention).
@@ -95,6 +99,9 @@ class FusionConfig(BaseModel):
     rec_loss: bool = Field(True, description="zsl head: MSE(w, D_o(theta_o)) + MSE(w, D_w(theta_w))")
     train_window: int | None = Field(None, ge=1, description="fixed training window, video rows (random start)")
     test_window: int | None = Field(None, ge=1, description="fixed evaluation window, video rows (centred)")
+    audio_divisor: float = Field(
+        255.0, gt=0, description="audio is divided by it (TCAF: 255, meant for uint8 VGGish, also on SeLaVi floats)"
+    )
 
     @model_validator(mode="after")
     def _check(self):
@@ -137,15 +144,15 @@ class PerceiverConfig(FusionConfig):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def normalised_sequences(batch: Batch, method: str, official: bool) -> tuple[Tensor, ...]:
+def normalised_sequences(batch: Batch, method: str, official: bool, divisor: float = 255.0) -> tuple[Tensor, ...]:
     """(audio, video, audio valid, video valid, audio times, video times) of a temporal batch, normalised as TCAF /
-    AV-DIFF do: audio / 255, video L2 per row (``official``: per channel over time)."""
+    AV-DIFF do: audio / ``divisor`` (255), video L2 per row (``official``: per channel over time)."""
     if batch.audio.dim() != 3 or batch.video.dim() != 3 or batch.audio_mask is None or batch.video_mask is None:
         raise ValueError(
             f"{method} takes temporal features ([B, L, D] per modality with masks), got audio "
             f"{tuple(batch.audio.shape)} and video {tuple(batch.video.shape)}: use a tcaf-* or the avdiff layout"
         )
-    a = batch.audio / 255.0
+    a = batch.audio / divisor
     v = F.normalize(batch.video, dim=1 if official else -1)
     return a, v, batch.audio_mask, batch.video_mask, batch.audio_time, batch.video_time
 
@@ -303,7 +310,7 @@ class AttentionFusion(FusionBaseline):
         return alpha[:, 0] * theta_a + alpha[:, 1] * theta_v
 
     def theta_o(self, batch: Batch, positions: bool = False) -> tuple[Tensor, list[Tensor]]:
-        a, v, am, vm, _, _ = normalised_sequences(batch, "Attention Fusion", self.official)
+        a, v, am, vm, _, _ = normalised_sequences(batch, "Attention Fusion", self.official, self.config.audio_divisor)
         theta_a = self.O_proj_a(self.A_enc(masked_mean(a, am)))
         theta_v = self.O_proj_v(self.V_enc(masked_mean(v, vm)))
         unimodal = [theta_a, theta_v] if self.config.unimodal_losses else []
@@ -349,7 +356,7 @@ class Perceiver(FusionBaseline):
 
     def fused(self, batch: Batch, positions: bool = False) -> Tensor:
         """``c = LayerNorm(mean over latents)`` [B, D] after the ``L`` cross / latent blocks."""
-        a, v, am, vm, at, vt = normalised_sequences(batch, "Perceiver", self.official)
+        a, v, am, vm, at, vt = normalised_sequences(batch, "Perceiver", self.official, self.config.audio_divisor)
         fa = self.rows(self.A_enc, a, am)
         fv = self.rows(self.V_enc, v, vm)
         if positions:

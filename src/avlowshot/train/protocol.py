@@ -414,7 +414,7 @@ def run_stage1(ctx: RunContext, run_dir: Path, *, resume: bool, on_epoch_end: Ep
     if done is not None and resume:
         log.info("stage-1: finished before (%d epochs), skipped", done.epochs)
         return done
-    method = ctx.build()
+    method = ctx.build(1)  # label-space methods: the stage-1 classes (as evaluate_stages loads it)
     trainer = ctx.trainer(method, out, "stage-1", stage=1)
     return trainer.fit(
         ctx.stage1_train_indices(),
