@@ -30,9 +30,10 @@ keys) and one latent self-attention layer (TCAF's shared-norm layer, 8 x 64, no 
 Alternatives: ``num_latents`` (grid 16 / 32 / 64), ``cross_heads``, ``feed_forward: geglu`` (lucidrains' GEGLU x 4
 in place of TCAF's GELU MLP of ``transformer_mlp_dim``).
 
-**Audio scale.** TCAF divides audio by 255 (meant for uint8 VGGish) also on SeLaVi floats, where its per-token BN
-absorbs the scale. Averaged SeLaVi audio / 255 has a variance below BatchNorm's eps, which silences the audio
-branch (synthetic UCF main: val HM 0.0 vs 22.9), so the Attention Fusion main configs set ``audio_divisor: 1``.
+**Audio scale.** TCAF divides audio by 255 (meant for uint8 VGGish) also on SeLaVi floats. There the first
+layer's output variance falls below BatchNorm's eps and the audio branch goes silent: on synthetic UCF main (tiny
+models, 3 epochs) val HM 0.0 vs 22.9 (Attention Fusion) and 6.4 vs 18.2 (Perceiver) with ``audio_divisor`` 255 vs 1,
+so the main configs set ``audio_divisor: 1`` (``--set audio_divisor=255``: TCAF's rule).
 
 **Time stamps.** The collator's seconds (0.96 s audio / 0.64 s video rows) in training and evaluation; under
 ``--compat official`` the ``zsl`` head evaluates at row indices 0, 1, 2, ... as TCAF's reference does (the ``fsl``
