@@ -34,9 +34,10 @@ def print_result(result: dict[str, Any]) -> None:
 
 def result_title(result: dict[str, Any]) -> str:
     shots = f", {result['shots']} shots" if result.get("shots") else ""
+    best = "none (no training)" if result["best_epoch"] is None else result["best_epoch"] + 1
     return (
         f"{result['method']} on {result['dataset']} {result['layout']} ({result['split_family']}{shots}, "
-        f"seed {result['seed']}, compat {result['compat']}): best epoch {result['best_epoch'] + 1}, "
+        f"seed {result['seed']}, compat {result['compat']}): best epoch {best}, "
         f"beta {result['beta']:.4g}"
     )
 

@@ -4,22 +4,31 @@ from avlowshot.models.avca import AVCA, AVCAConfig
 from avlowshot.models.avdiff import AVDiff, AVDiffConfig
 from avlowshot.models.base import InputDims, Method, Substage, count_parameters
 from avlowshot.models.clipclap import ClipClap, ClipClapConfig
+from avlowshot.models.fusion import AttentionFusion, Perceiver
+from avlowshot.models.hyperbolic import HyperAlignment, HyperMultiple, HyperSingle
 from avlowshot.models.registry import METHODS, build_method, config_model, validate_model_config
 from avlowshot.models.tcaf import TCAF, TCAFConfig
+from avlowshot.models.textmatch import TextMatch
 
 __all__ = [
     "AVCA",
     "AVCAConfig",
     "AVDiff",
     "AVDiffConfig",
+    "AttentionFusion",
     "ClipClap",
     "ClipClapConfig",
+    "HyperAlignment",
+    "HyperMultiple",
+    "HyperSingle",
     "InputDims",
     "METHODS",
     "Method",
+    "Perceiver",
     "Substage",
     "TCAF",
     "TCAFConfig",
+    "TextMatch",
     "build_method",
     "config_model",
     "count_parameters",

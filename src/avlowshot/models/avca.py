@@ -150,8 +150,14 @@ class AVCA(Method):
                 + F.mse_loss(theta_v, theta_w)
                 + F.mse_loss(theta_a, theta_w)
             )
+        out.update(self.encoder_terms(phi_a, phi_v, phi_a_neg, phi_v_neg))
         out["loss"] = sum(out.values())
         return out
+
+    def encoder_terms(self, phi_a: Tensor, phi_v: Tensor, phi_a_neg: Tensor, phi_v_neg: Tensor) -> dict[str, Tensor]:
+        """Extra loss terms on the encoder outputs (positives, negatives), added last; none for AVCA (a hook for
+        its variants, e.g. the Hyper-AVZSL alignment loss)."""
+        return {}
 
     @torch.no_grad()
     def after_step(self, batch: Batch, text: Tensor) -> None:

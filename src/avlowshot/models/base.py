@@ -84,6 +84,10 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
     """``"averaged"``: the method takes ``[B, D]`` features; a temporal layout is averaged over each video's valid
     rows once, when the data is loaded. ``"temporal"``: ``[B, L, D]`` with masks. ``"any"``: the method copes."""
 
+    trainable: ClassVar[bool] = True
+    """``False``: nothing to train (no parameters); the configs must set ``epochs: 0`` and the protocol runs
+    zero-epoch stages (the initial model is evaluated)."""
+
     @classmethod
     def curriculum(cls, cfg, compat: str = "none") -> list[Substage] | None:
         """The substages of a method trained in parts (e.g. AV-DIFF's base / full), or ``None``: one stage."""

@@ -373,3 +373,58 @@ def masked_batch_norm(bn: nn.BatchNorm1d, h: torch.Tensor, keep: torch.Tensor) -
             bn.running_var.mul_(1 - m).add_(m * var.detach() * n / (n - 1))
     out = (h - mean) * torch.rsqrt(var + bn.eps)
     return out * bn.weight + bn.bias if bn.affine else out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Latent cross-attention (Perceiver-style baselines, specs/baselines.md §1.3 ``XB``)
+
+
+class GEGLUFeedForward(nn.Module):
+    """``Linear(dim, 2 * mult * dim) -> a * GELU(gate) -> Linear(mult * dim, dim) -> Dropout`` (the Perceiver's
+    feed-forward in lucidrains' ``perceiver-pytorch``)."""
+
+    def __init__(self, dim: int, mult: int, dropout: float):
+        super().__init__()
+        self.w_in = nn.Linear(dim, 2 * mult * dim)
+        self.w_out = nn.Linear(mult * dim, dim)
+        self.dropout = Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, gate = self.w_in(x).chunk(2, dim=-1)
+        return self.dropout(self.w_out(a * F.gelu(gate)))
+
+
+class CrossAttentionBlock(nn.Module):
+    """Queries attend to a context sequence, then a feed-forward, each pre-normed with its own LayerNorm::
+
+        q = q + to_out(softmax((LN_q(q) Wq)(LN_kv(x) Wk)^T dh^-0.5, keys masked) (LN_kv(x) Wv))
+        q = q + FF(LN_ff(q))
+
+    ``key_valid`` ``[B, M]`` (True = real token): padded context tokens are never attended, so appending padding
+    does not change the output. ``ff``: a feed-forward module (default :class:`FeedForward` ``(dim, mlp_dim)``).
+    """
+
+    def __init__(self, dim: int, heads: int, dim_head: int, mlp_dim: int, dropout: float, ff: nn.Module | None = None):
+        super().__init__()
+        inner = heads * dim_head
+        self.heads = heads
+        self.norm_q = nn.LayerNorm(dim)
+        self.norm_kv = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_k = nn.Linear(dim, inner, bias=False)
+        self.to_v = nn.Linear(dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, dim), Dropout(dropout))
+        self.norm_ff = nn.LayerNorm(dim)
+        self.ff = ff if ff is not None else FeedForward(dim, mlp_dim, dropout)
+
+    def forward(self, q: torch.Tensor, x: torch.Tensor, key_valid: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, _ = q.shape
+        m = x.shape[1]
+        kv = self.norm_kv(x)
+        qh = self.to_q(self.norm_q(q)).view(b, n, self.heads, -1).transpose(1, 2)
+        kh = self.to_k(kv).view(b, m, self.heads, -1).transpose(1, 2)
+        vh = self.to_v(kv).view(b, m, self.heads, -1).transpose(1, 2)
+        mask = None if key_valid is None else key_valid[:, None, None, :]  # [B, 1, 1, M] over heads and queries
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)
+        q = self.to_out(out.transpose(1, 2).reshape(b, n, -1)) + q
+        return self.ff(self.norm_ff(q)) + q

@@ -12,9 +12,14 @@ from avlowshot.models.avca import AVCA
 from avlowshot.models.avdiff import AVDiff
 from avlowshot.models.base import InputDims, Method
 from avlowshot.models.clipclap import ClipClap
+from avlowshot.models.fusion import AttentionFusion, Perceiver
+from avlowshot.models.hyperbolic import HyperAlignment, HyperMultiple, HyperSingle
 from avlowshot.models.tcaf import TCAF
+from avlowshot.models.textmatch import TextMatch
 
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (AVCA, AVDiff, ClipClap, TCAF)}
+METHODS.update({cls.name: cls for cls in (HyperAlignment, HyperSingle, HyperMultiple)})
+METHODS.update({cls.name: cls for cls in (AttentionFusion, Perceiver, TextMatch)})
 
 
 def shipped_configs(name: str) -> list[str]:

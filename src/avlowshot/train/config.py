@@ -68,7 +68,7 @@ class RunConfig(BaseModel):
     dataset: str | None = Field(None, description="benchmark the config was made for (checked against the run)")
     feature_set: str | None = Field(None, description="cls | main | clipclap (checked against the layout)")
     seed: int = Field(42, description="seed of model init, dropout and sampling (--seed overrides)")
-    epochs: int = Field(50, ge=1, description="stage-1 epochs")
+    epochs: int = Field(50, ge=0, description="stage-1 epochs (0: no training, the initial model is evaluated)")
     substage_epochs: dict[str, int] = Field(
         default_factory=dict,
         description="stage-1 epochs of the later substages of curriculum methods (AV-DIFF: full); the first "
@@ -234,6 +234,12 @@ def validate_config(
     except ValidationError as exc:
         _raise_validation(exc, source, overrides, prefix="model.")
     cfg.model = model.model_dump(mode="json")
+    if not registry.method_class(cfg.method).trainable and cfg.epochs != 0:
+        where = f"--set epochs={overrides['epochs']}" if "epochs" in overrides else source
+        raise ConfigError(
+            f"{where}: 'epochs': method '{cfg.method}' has no trainable parameters: it runs zero-epoch stages "
+            f"(set epochs: 0)"
+        )
     _check_substage_epochs(cfg, source, overrides)
     return cfg
 

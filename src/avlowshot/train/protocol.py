@@ -390,7 +390,7 @@ def run_curriculum_stage2(ctx: RunContext, run_dir: Path, *, resume: bool, on_ep
             novel = p.stage2_novel[0].indices if sub.novel_stream else None
             trainer = _substage_trainer(ctx, 2, 0, i, sub, out, prev, novel)
             done = trainer.fit(
-                p.stage2_train.indices, s1[i].best_epoch + 1, schedule="replay", replay_drops=s1[i].lr_drops,
+                p.stage2_train.indices, stage2_epochs(s1[i]), schedule="replay", replay_drops=s1[i].lr_drops,
                 resume=resume, on_epoch_end=on_epoch_end, novel_indices=novel,
             )  # fmt: skip
         prev = (out, done.checkpoint_last)
@@ -407,7 +407,7 @@ def run_curriculum_stage2(ctx: RunContext, run_dir: Path, *, resume: bool, on_ep
         outcomes.append(
             trainer.fit(
                 p.stage2_train.indices,
-                s1[-1].best_epoch + 1,
+                stage2_epochs(s1[-1]),
                 schedule="replay",
                 replay_drops=s1[-1].lr_drops,
                 resume=resume,
@@ -424,9 +424,9 @@ def run_stage1(ctx: RunContext, run_dir: Path, *, resume: bool, on_epoch_end: Ep
     out = run_dir / "stage-1"
     done = read_summary(out)
     if done is not None and resume:
-        log.info("stage-1: finished before (best epoch %d), skipped", done.best_epoch + 1)
+        log.info("stage-1: finished before (%d epochs), skipped", done.epochs)
         return done
-    method = ctx.build()
+    method = ctx.build(1)  # label-space methods: the stage-1 classes (as evaluate_stages loads it)
     trainer = ctx.trainer(method, out, "stage-1", stage=1)
     return trainer.fit(
         ctx.stage1_train_indices(),
@@ -437,6 +437,11 @@ def run_stage1(ctx: RunContext, run_dir: Path, *, resume: bool, on_epoch_end: Ep
         resume=resume,
         on_epoch_end=on_epoch_end,
     )
+
+
+def stage2_epochs(s1: StageOutcome) -> int:
+    """Stage 2 trains the stage-1 best epoch + 1 epochs; a zero-epoch stage 1 (no training) gives zero."""
+    return 0 if s1.epochs == 0 else s1.best_epoch + 1
 
 
 def stage2_schedule(cfg: RunConfig, compat: str) -> str:
@@ -455,7 +460,7 @@ def run_stage2(
     s1 = read_summary(run_dir / "stage-1")
     if s1 is None:
         raise AvlowshotError(f"{run_dir / 'stage-1'}: stage 1 has not finished; run --run stage-1 (or all) first")
-    epochs = s1.best_epoch + 1
+    epochs = stage2_epochs(s1)
     schedule = stage2_schedule(ctx.cfg, ctx.compat)
     outcomes = []
     for r, out in enumerate(ctx.stage2_dirs(run_dir)):
@@ -640,7 +645,7 @@ def build_result(ctx: RunContext, run_dir: Path, evaluated: dict[str, Any]) -> d
         "n_params": n_trainable,
         "n_params_total": n_total,
         "best_epoch": s1.best_epoch,
-        "stage2_epochs": s1.best_epoch + 1,
+        "stage2_epochs": stage2_epochs(s1),
         "best_val_hm": None if s1.best_hm is None else 100.0 * s1.best_hm,
         "beta": evaluated["beta"],
         "beta_test": evaluated["beta_test"],
@@ -663,7 +668,7 @@ def build_result(ctx: RunContext, run_dir: Path, evaluated: dict[str, Any]) -> d
                 "best_epoch": a.best_epoch,
                 "best_val": a.best_hm,
                 "val_metric": sub.val_metric,
-                "stage2_epochs": a.best_epoch + 1,
+                "stage2_epochs": stage2_epochs(a),
                 "lr_drops": a.lr_drops,
                 "seconds_stage1": a.seconds,
                 "seconds_stage2": None if b is None else b.seconds,

@@ -31,7 +31,7 @@ import torch
 from avlowshot.data.batching import Batch, ClassBalancedSampler, SequenceWindow, gather, length_order
 from avlowshot.data.splits import EvalSplit
 from avlowshot.data.store import FeatureStore
-from avlowshot.errors import AvlowshotError
+from avlowshot.errors import AvlowshotError, ConfigError
 from avlowshot.eval import metrics
 from avlowshot.train import checkpoint as ckpt
 from avlowshot.train.config import RunConfig
@@ -320,9 +320,10 @@ class Trainer:
         # A substage optimises every parameter (frozen ones get no gradient, so Adam skips them) so that its state
         # can carry over between substages that freeze different parts.
         params = list(method.parameters()) if substage is not None else list(method.trainable_parameters())
-        self.optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # A method without trainable parameters (text-match) has no optimiser; it only runs zero-epoch stages.
+        self.optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay) if params else None
         self.scheduler = None
-        if cfg.lr_scheduler:
+        if cfg.lr_scheduler and self.optimizer is not None:
             self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 self.optimizer, mode="max", patience=cfg.lr_patience, factor=cfg.lr_factor
             )
@@ -394,6 +395,12 @@ class Trainer:
         substage (every iteration: one step on a base batch, one on a novel batch); validation uses the substage's
         grid and metric (``val_metric``) for best-epoch selection and the schedule.
         """
+        if epochs == 0:
+            return self._fit_untrained(val, select_best)
+        if self.optimizer is None:
+            raise ConfigError(
+                f"method '{self.cfg.method}' has no trainable parameters: it runs zero-epoch stages (set epochs: 0)"
+            )
         if schedule == "val" and val is None:
             raise ValueError("schedule='val' needs a validation split")
         cfg = self.cfg
@@ -486,6 +493,46 @@ class Trainer:
             ),
         )
         outcome.extra["wall_seconds_last_session"] = time.perf_counter() - t_stage
+        ckpt.atomic_write_json(self.out_dir / "summary.json", outcome.to_json())
+        return outcome
+
+    def _fit_untrained(self, val: EvalSplit | None, select_best: bool) -> StageOutcome:
+        """A zero-epoch stage: the initial model is the stage's only checkpoint (``checkpoints/initial``), validated
+        once when ``val`` is given (and then the "best" one, with ``best_epoch`` None)."""
+        sub = self.substage
+        grid = sub.beta_grid if sub is not None and sub.beta_grid else self.cfg.beta_grid
+        val_key = sub.val_metric if sub is not None else "hm"
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        val_rec = None
+        if val is not None:
+            with precision(self.device, self.cfg.amp):
+                res = evaluate_split(
+                    self.method, self.store, val, self.text, self.device, self.cfg.eval_batch_size,
+                    betas=metrics.beta_grid(grid), phase="val",
+                )  # fmt: skip
+            val_rec = metric_record(res)
+            log.info(
+                "%s (no training): val S %.2f U %.2f HM %.2f ZSL %.2f beta %.3g", self.name,
+                *(100 * val_rec[k] for k in ("seen", "unseen", "hm", "zsl")), val_rec["beta"],
+            )  # fmt: skip
+        rel = Path("checkpoints") / "initial"
+        meta = {**self.meta, "stage": self.name, "epoch": -1, "epochs_done": 0, "val": val_rec}
+        ckpt.save_checkpoint(self.out_dir / rel, self.method.state_dict(), meta)
+        selected = select_best and val_rec is not None
+        outcome = StageOutcome(
+            name=self.name,
+            epochs=0,
+            best_epoch=None,
+            best_hm=val_rec[val_key] if selected else None,
+            beta_best=val_rec["beta"] if selected else None,
+            beta_last=None if val_rec is None else val_rec["beta"],
+            lr_drops=[],
+            history=[],
+            seconds=time.perf_counter() - t0,
+            checkpoint_last=str(rel),
+            checkpoint_best=str(rel) if selected else None,
+        )
         ckpt.atomic_write_json(self.out_dir / "summary.json", outcome.to_json())
         return outcome
 
