@@ -116,10 +116,12 @@ class AttentionFusionConfig(FusionConfig):
     unimodal_losses: bool = Field(False, description="alternative: the head's CE on theta_a and theta_v as well")
 
 
-class PerceiverConfig(FusionConfig):
+class TokenConfig(FusionConfig):
+    """The token front-end ``TF`` (baselines.md §1.2) and transformer widths of the temporal fusion baselines."""
+
     transformer_dim: int = Field(300, ge=1, description="token / latent width D")
-    transformer_depth: int = Field(6, ge=1, description="L blocks of cross-attention + latent self-attention")
-    transformer_heads: int = Field(8, ge=1, description="latent self-attention heads")
+    transformer_depth: int = Field(6, ge=1, description="L blocks / layers")
+    transformer_heads: int = Field(8, ge=1, description="self-attention heads")
     transformer_dim_head: int = Field(64, ge=1)
     transformer_mlp_dim: int = Field(128, ge=1)
     transformer_dropout: float = Field(0.3, ge=0, lt=1, description="attention outputs and feed-forwards")
@@ -128,18 +130,21 @@ class PerceiverConfig(FusionConfig):
     transformer_embedding_time_embed_type: Literal["sinusoid", "none"] = "sinusoid"
     transformer_embedding_fourier_scale: float = 10.0
     transformer_embedding_modality: bool = True
-    num_latents: int = Field(32, ge=1, description="N_lat (PROPOSED 32; grid 16, 32, 64)")
-    cross_heads: int = Field(1, ge=1, description="cross-attention heads (the paper: 1)")
-    cross_dim_head: int = Field(64, ge=1)
-    feed_forward: Literal["gelu", "geglu"] = Field(
-        "gelu", description="gelu: TCAF's MLP of transformer_mlp_dim; geglu: lucidrains' GEGLU x 4"
-    )
 
     @model_validator(mode="after")
     def _check_even(self):
         if self.transformer_embedding_dim % 2:
             raise ValueError(f"transformer_embedding_dim must be even, got {self.transformer_embedding_dim}")
         return self
+
+
+class PerceiverConfig(TokenConfig):
+    num_latents: int = Field(32, ge=1, description="N_lat (PROPOSED 32; grid 16, 32, 64)")
+    cross_heads: int = Field(1, ge=1, description="cross-attention heads (the paper: 1)")
+    cross_dim_head: int = Field(64, ge=1)
+    feed_forward: Literal["gelu", "geglu"] = Field(
+        "gelu", description="gelu: TCAF's MLP of transformer_mlp_dim; geglu: lucidrains' GEGLU x 4"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -318,13 +323,13 @@ class AttentionFusion(FusionBaseline):
         return self.fuse(theta_a, theta_v), unimodal
 
 
-class Perceiver(FusionBaseline):
-    name: ClassVar[str] = "perceiver"
-    config_class: ClassVar[type[BaseModel]] = PerceiverConfig
+class TokenFusionBaseline(FusionBaseline):
+    """A fusion baseline on the token front-end ``TF`` (baselines.md §1.2): per-token ``A_enc`` / ``V_enc`` and the
+    modality + Fourier time + padding embedding, giving audio and video token sequences with their validity masks."""
 
-    config: PerceiverConfig
+    config: TokenConfig
 
-    def build_backbone(self, config: PerceiverConfig, dims: InputDims) -> None:
+    def build_front_end(self, config: TokenConfig, dims: InputDims) -> None:
         c, d, bn = config, config.transformer_dim, config.embeddings_batch_norm
         self.A_enc = EmbeddingNet(dims.audio, d, c.embedding_dropout, c.embeddings_hidden_size, hidden_bn=bn)
         self.V_enc = EmbeddingNet(dims.video, d, c.embedding_dropout, c.embeddings_hidden_size, hidden_bn=bn)
@@ -338,6 +343,29 @@ class Perceiver(FusionBaseline):
             time_embed=c.transformer_embedding_time_embed_type,
             fourier_scale=c.transformer_embedding_fourier_scale,
         )
+
+    def tokens(self, batch: Batch, positions: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(audio tokens [B, La, D], video tokens [B, Lv, D], audio valid, video valid). ``positions``: times are
+        row indices 0, 1, 2, ... instead of the batch's seconds."""
+        a, v, am, vm, at, vt = normalised_sequences(batch, self.name, self.official, self.config.audio_divisor)
+        fa = self.rows(self.A_enc, a, am)
+        fv = self.rows(self.V_enc, v, vm)
+        if positions:
+            at = torch.arange(fa.shape[1], device=fa.device, dtype=fa.dtype).expand(fa.shape[:2])
+            vt = torch.arange(fv.shape[1], device=fv.device, dtype=fv.dtype).expand(fv.shape[:2])
+        emb = self.position_encoder_block
+        return emb.embed(0, fa, am, at), emb.embed(1, fv, vm, vt), am, vm
+
+
+class Perceiver(TokenFusionBaseline):
+    name: ClassVar[str] = "perceiver"
+    config_class: ClassVar[type[BaseModel]] = PerceiverConfig
+
+    config: PerceiverConfig
+
+    def build_backbone(self, config: PerceiverConfig, dims: InputDims) -> None:
+        c, d, bn = config, config.transformer_dim, config.embeddings_batch_norm
+        self.build_front_end(config, dims)
         self.latents = nn.Parameter(torch.randn(c.num_latents, d))
         p = c.transformer_dropout
 
@@ -357,14 +385,8 @@ class Perceiver(FusionBaseline):
 
     def fused(self, batch: Batch, positions: bool = False) -> Tensor:
         """``c = LayerNorm(mean over latents)`` [B, D] after the ``L`` cross / latent blocks."""
-        a, v, am, vm, at, vt = normalised_sequences(batch, "Perceiver", self.official, self.config.audio_divisor)
-        fa = self.rows(self.A_enc, a, am)
-        fv = self.rows(self.V_enc, v, vm)
-        if positions:
-            at = torch.arange(fa.shape[1], device=fa.device, dtype=fa.dtype).expand(fa.shape[:2])
-            vt = torch.arange(fv.shape[1], device=fv.device, dtype=fv.dtype).expand(fv.shape[:2])
-        emb = self.position_encoder_block
-        x = torch.cat((emb.embed(0, fa, am, at), emb.embed(1, fv, vm, vt)), dim=1)
+        xa, xv, am, vm = self.tokens(batch, positions)
+        x = torch.cat((xa, xv), dim=1)
         valid = torch.cat((am, vm), dim=1)
         z = self.latents.to(x.dtype).expand(x.shape[0], -1, -1)
         for cross, latent in self.blocks:
