@@ -195,7 +195,7 @@ class FusionBaseline(Method):
         self.build_backbone(config, dims)
         c = config
         if self.fsl:
-            self.classifier = nn.Linear(DIM_OUT, len(labels))
+            self.build_head(len(labels))
         else:
             bn = c.embeddings_batch_norm
             self.D_o = EmbeddingNet(DIM_OUT, dims.text, c.decoder_dropout, c.decoder_hidden_size, hidden_bn=bn)
@@ -206,6 +206,10 @@ class FusionBaseline(Method):
 
     def build_backbone(self, config, dims: InputDims) -> None:
         raise NotImplementedError
+
+    def build_head(self, n_classes: int) -> None:
+        """The ``fsl`` head's classifier over the label space (methods with several classifiers add theirs)."""
+        self.classifier = nn.Linear(DIM_OUT, n_classes)
 
     def theta_o(self, batch: Batch, positions: bool = False) -> tuple[Tensor, list[Tensor]]:
         """``theta_o`` [B, 64] and the unimodal embeddings that extra CE terms may read (else ``[]``).

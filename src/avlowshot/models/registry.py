@@ -16,6 +16,7 @@ from avlowshot.models.fusion import AttentionFusion, Perceiver
 from avlowshot.models.hip import HiP
 from avlowshot.models.hyperbolic import HyperAlignment, HyperMultiple, HyperSingle
 from avlowshot.models.mbt import MBT
+from avlowshot.models.sldg import SLDG
 from avlowshot.models.tcaf import TCAF
 from avlowshot.models.textmatch import TextMatch
 from avlowshot.models.zorro import Zorro
@@ -23,7 +24,7 @@ from avlowshot.models.zorro import Zorro
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (AVCA, AVDiff, ClipClap, TCAF)}
 METHODS.update({cls.name: cls for cls in (HyperAlignment, HyperSingle, HyperMultiple)})
 METHODS.update({cls.name: cls for cls in (AttentionFusion, Perceiver, TextMatch)})
-METHODS.update({cls.name: cls for cls in (HiP, MBT, Zorro)})
+METHODS.update({cls.name: cls for cls in (HiP, MBT, SLDG, Zorro)})
 
 
 def shipped_configs(name: str) -> list[str]:
