@@ -1,13 +1,19 @@
 """Methods: one file per method built from the shared layers, behind one interface (:class:`Method`)."""
 
+from avlowshot.models.apn import APN, APNConfig
 from avlowshot.models.avca import AVCA, AVCAConfig
 from avlowshot.models.avdiff import AVDiff, AVDiffConfig
 from avlowshot.models.base import InputDims, Method, Substage, count_parameters
 from avlowshot.models.clipclap import ClipClap, ClipClapConfig
+from avlowshot.models.fvaegan import FVAEGAN, FVAEGANConfig
 from avlowshot.models.registry import METHODS, build_method, config_model, validate_model_config
 from avlowshot.models.tcaf import TCAF, TCAFConfig
 
 __all__ = [
+    "APN",
+    "APNConfig",
+    "FVAEGAN",
+    "FVAEGANConfig",
     "AVCA",
     "AVCAConfig",
     "AVDiff",

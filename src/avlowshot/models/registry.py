@@ -8,13 +8,15 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from avlowshot.errors import ConfigError
+from avlowshot.models.apn import APN
 from avlowshot.models.avca import AVCA
 from avlowshot.models.avdiff import AVDiff
 from avlowshot.models.base import InputDims, Method
 from avlowshot.models.clipclap import ClipClap
+from avlowshot.models.fvaegan import FVAEGAN
 from avlowshot.models.tcaf import TCAF
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (AVCA, AVDiff, ClipClap, TCAF)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (AVCA, AVDiff, ClipClap, TCAF, APN, FVAEGAN)}
 
 
 def shipped_configs(name: str) -> list[str]:
