@@ -60,6 +60,13 @@ main (res 1024)    578,100    833,024    678,913    525,313    52,275 / 205,000 
 cls (res 4224)     1,538,100  2,474,624  2,317,313  2,163,713  202,800 / 836,550 / 1,144,975 (C 48/198/271)
 =================  =========  =========  =========  =========  =========================================
 
+Measured on a synthetic UCF avca-main (scale 0.1; ``tests/test_fvaegan.py``: 4 GAN epochs of 50 iterations with
+``gan_weight=10``, 4 classifier epochs of 12 batches of 64 at ``classifier_lr=0.1``): test seen 53.6, unseen 36.8,
+HM 43.7, ZSL 54.9 (chance: 2.0 / 2.0 / 2.0 / 11.1); the same with ``generation=false``: 46.4 / 7.7 / 13.2 / 8.4.
+With the shipped ``gan_weight`` 1e5 and 100 GAN iterations the VAE term is negligible and the generator is not yet
+conditioned on the word vector (ZSL 18.4); avca-cls (synthetic) learns slowly: the L2-normalised input is dominated
+by the VGGish offset (~128 per dimension).
+
 Published numbers (AVCA README, main features only; test HM / ZSL, x100): VGGSound 1.77 / 1.91, UCF 11.37 / 11.11,
 ActivityNet 2.87 / 2.40 (selected on the test set by the reference).
 """
