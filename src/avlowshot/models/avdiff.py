@@ -75,7 +75,15 @@ from torch import Tensor, nn
 
 from avlowshot.data.batching import Batch, SequenceWindow
 from avlowshot.models.base import InputDims, Method, Substage
-from avlowshot.models.layers import Dropout, EmbeddingNet, embed_rows, layer_masks, token_attention_mask, token_fusion
+from avlowshot.models.layers import (
+    Dropout,
+    EmbeddingNet,
+    embed_rows,
+    label_columns,
+    layer_masks,
+    token_attention_mask,
+    token_fusion,
+)
 
 CLS, AUDIO, VIDEO = 0, 1, 2  # token kinds of the attention masks
 
@@ -469,14 +477,7 @@ class AVDiff(Method):
 
     def columns(self, labels: Tensor) -> Tensor:
         """Global class ids -> classifier columns (ascending id order of the label space)."""
-        col = torch.searchsorted(self.label_space, labels)
-        if labels.is_cuda:  # the check reads a value back (a host sync per step); the CPU path runs it
-            return col
-        if bool((col >= len(self.label_space)).any()) or not bool(
-            (self.label_space[col.clamp(max=len(self.label_space) - 1)] == labels).all()
-        ):
-            raise ValueError("a label is outside the classifier's label space")
-        return col
+        return label_columns(self.label_space, labels)
 
     def losses(
         self,

@@ -29,6 +29,11 @@ class Substage:
     ``reset_optimizer``: a fresh Adam and schedule at the start; else the previous substage's optimiser state
     carries over. ``reference_beta_from`` / ``reference_beta_zero_search``: what the reference does with the test
     beta, reproduced under ``--compat official`` (last epoch's beta; a beta of 0 re-searched on the test set).
+    ``validate``: ``False`` trains the substage's epochs without validation and hands its last epoch on (stage 2
+    trains as many; e.g. a generator whose quality only the next substage's classifier measures).
+    ``steps``: named optimiser steps per iteration on the same batch (e.g. a GAN's ``("critic", "generator")``;
+    :meth:`Method.losses` gets ``step=name``); empty: one step. ``lr`` / ``adam_betas`` / ``batch_size`` /
+    ``n_batches``: the substage's own optimiser and batches (``None``: the run config's; Adam's betas (0.9, 0.999)).
     """
 
     name: str
@@ -39,6 +44,12 @@ class Substage:
     reset_optimizer: bool = True
     reference_beta_from: str | None = None
     reference_beta_zero_search: bool = False
+    validate: bool = True
+    steps: tuple[str, ...] = ()
+    lr: float | None = None
+    adam_betas: tuple[float, float] | None = None
+    batch_size: int | None = None
+    n_batches: int | None = None
 
 
 @dataclass(frozen=True)
@@ -73,6 +84,14 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
     needs_label_space: ClassVar[bool] = False
     """The method has a classifier over a fixed label space: it is built with ``classes=`` (global ids of the
     stage's classes) and :meth:`encode_classes` gets ``class_ids`` of the split's classes."""
+
+    needs_label_text: ClassVar[bool] = False
+    """The trainer passes ``label_text`` [C, Dt], the text rows of the label space (``label_space``, ascending id),
+    to :meth:`losses` (e.g. to generate features of the label space's classes that have no training samples)."""
+
+    beta_family: ClassVar[str | None] = None
+    """The reference family whose test-beta conversion ``--compat official`` applies (``metrics.transfer_beta``);
+    ``None``: the method's own name."""
 
     tasks: ClassVar[tuple[str, ...]] = ("gzsl",)
     """Protocols the method runs: ``"gzsl"`` and / or ``"gfsl"`` (``--shots k`` or the avdiff layout)."""

@@ -428,3 +428,35 @@ class CrossAttentionBlock(nn.Module):
         out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)
         q = self.to_out(out.transpose(1, 2).reshape(b, n, -1)) + q
         return self.ff(self.norm_ff(q)) + q
+
+
+def label_columns(label_space: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Global class ids -> columns of a classifier over ``label_space`` (ascending global ids). On the CPU a label
+    outside the label space is an error; on CUDA the check is skipped (it would read a value back every step)."""
+    col = torch.searchsorted(label_space, labels)
+    if labels.is_cuda:
+        return col
+    n = len(label_space)
+    if bool((col >= n).any()) or not bool((label_space[col.clamp(max=n - 1)] == labels).all()):
+        raise ValueError("a label is outside the classifier's label space")
+    return col
+
+
+def normal_init(module: nn.Module, std: float = 0.02) -> nn.Module:
+    """The GAN references' ``weights_init``: every Linear weight ~ N(0, std), bias 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    return module
+
+
+def gradient_penalty(critic, real: torch.Tensor, fake: torch.Tensor, *cond: torch.Tensor) -> torch.Tensor:
+    """WGAN-GP: ``mean((||grad_x critic(x_hat, *cond)||_2 - 1)^2)`` with ``x_hat = a * real + (1 - a) * fake``,
+    ``a ~ U(0, 1)`` per row; differentiable (``create_graph``) so that it trains the critic."""
+    alpha = torch.rand(real.shape[0], 1, device=real.device, dtype=real.dtype)
+    x_hat = (alpha * real + (1 - alpha) * fake).requires_grad_(True)
+    out = critic(x_hat, *cond)
+    (grad,) = torch.autograd.grad(out, x_hat, grad_outputs=torch.ones_like(out), create_graph=True)
+    return ((grad.norm(2, dim=1) - 1) ** 2).mean()

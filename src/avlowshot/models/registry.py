@@ -8,11 +8,13 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from avlowshot.errors import ConfigError
+from avlowshot.models.apn import APN
 from avlowshot.models.avca import AVCA
 from avlowshot.models.avdiff import AVDiff
 from avlowshot.models.base import InputDims, Method
 from avlowshot.models.clipclap import ClipClap
 from avlowshot.models.fusion import AttentionFusion, Perceiver
+from avlowshot.models.fvaegan import FVAEGAN
 from avlowshot.models.hip import HiP
 from avlowshot.models.hyperbolic import HyperAlignment, HyperMultiple, HyperSingle
 from avlowshot.models.mbt import MBT
@@ -21,7 +23,7 @@ from avlowshot.models.tcaf import TCAF
 from avlowshot.models.textmatch import TextMatch
 from avlowshot.models.zorro import Zorro
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (AVCA, AVDiff, ClipClap, TCAF)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (AVCA, AVDiff, ClipClap, TCAF, APN, FVAEGAN)}
 METHODS.update({cls.name: cls for cls in (HyperAlignment, HyperSingle, HyperMultiple)})
 METHODS.update({cls.name: cls for cls in (AttentionFusion, Perceiver, TextMatch)})
 METHODS.update({cls.name: cls for cls in (HiP, MBT, SLDG, Zorro)})

@@ -11,9 +11,10 @@ Run directory ``<log-dir>/<method>_<dataset>_<layout>[_<k>shot]_seed<N>[_officia
 
 Methods trained in substages (``Method.curriculum``, e.g. AV-DIFF: base, full) get one folder per substage:
 ``stage-1/<substage>/`` for each, ``stage-2/<substage>/`` for every substage but the last, and the last substage
-per repeat in ``stage-2/repeat-r/``. A substage starts from the previous one's best (stage 1) or last (stage 2)
-checkpoint, optionally with its optimiser state; stage 2 trains each substage for its stage-1 best + 1 epochs and
-replays its stage-1 LR drops.
+per repeat in ``stage-2/repeat-r/`` (GZSL: in ``stage-2/<substage>/``). A substage without validation
+(``Substage.validate``, e.g. f-VAEGAN's generator) hands its last epoch on. A substage starts from the
+previous one's best (stage 1) or last (stage 2) checkpoint, optionally with its optimiser state; stage 2 trains
+each substage for its stage-1 best + 1 epochs and replays its stage-1 LR drops.
 
 Stage 1 trains on stage-1 train (GFSL: base + the stage-1 novel shots), validates on stage-1 val after every epoch
 and keeps the best epoch (strictly higher HM) and its beta. Stage 2 builds a fresh model with the same seed and
@@ -179,8 +180,9 @@ class RunContext:
         """The method's substages (``Method.curriculum``), or None."""
         from avlowshot.models import registry
 
-        subs = registry.method_class(self.cfg.method).curriculum(self.cfg, self.compat)
-        if subs and self.task != "gfsl":
+        cls = registry.method_class(self.cfg.method)
+        subs = cls.curriculum(self.cfg, self.compat)
+        if subs and self.task not in cls.tasks:
             raise ConfigError(
                 f"method '{self.cfg.method}' is a generalised few-shot method: pass --shots (1, 5, 10 or 20)"
             )
@@ -230,7 +232,8 @@ class RunContext:
     def stage2_dirs(self, run_dir: Path) -> list[Path]:
         if self.task == "gfsl":
             return [run_dir / "stage-2" / f"repeat-{r}" for r in range(self.n_repeats)]
-        return [run_dir / "stage-2"]
+        subs = self.curriculum
+        return [run_dir / "stage-2" / subs[-1].name] if subs else [run_dir / "stage-2"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -349,6 +352,14 @@ def substage_epochs(cfg: RunConfig, sub) -> int:
     return cfg.epochs if sub.epochs_key is None else cfg.substage_epochs.get(sub.epochs_key, cfg.epochs)
 
 
+def handed_on(outcome: StageOutcome) -> tuple[int, str]:
+    """(stage-2 epochs, stage-1 checkpoint the next substage starts from) of a finished stage-1 substage: its
+    best epoch, or its last for a substage trained without validation."""
+    if outcome.best_epoch is None:
+        return outcome.epochs, outcome.checkpoint_last
+    return outcome.best_epoch + 1, outcome.checkpoint_best
+
+
 def run_curriculum_stage1(ctx: RunContext, run_dir: Path, *, resume: bool, on_epoch_end) -> list[StageOutcome]:
     p = ctx.protocol
     outcomes: list[StageOutcome] = []
@@ -359,15 +370,15 @@ def run_curriculum_stage1(ctx: RunContext, run_dir: Path, *, resume: bool, on_ep
         if done is not None and resume:
             log.info("stage-1/%s: finished before, skipped", sub.name)
         else:
-            init = None if prev_dir is None else (prev_dir, outcomes[-1].checkpoint_best)
+            init = None if prev_dir is None else (prev_dir, handed_on(outcomes[-1])[1])
             novel = p.stage1_novel.indices if sub.novel_stream else None
             trainer = _substage_trainer(ctx, 1, 0, i, sub, out, init, novel)
             done = trainer.fit(
                 p.stage1_train.indices,
                 substage_epochs(ctx.cfg, sub),
-                val=p.stage1_val,
-                select_best=True,
-                schedule="val",
+                val=p.stage1_val if sub.validate else None,
+                select_best=sub.validate,
+                schedule="val" if sub.validate else "none",
                 resume=resume,
                 on_epoch_end=on_epoch_end,
                 novel_indices=novel,
@@ -390,7 +401,7 @@ def run_curriculum_stage2(ctx: RunContext, run_dir: Path, *, resume: bool, on_ep
             novel = p.stage2_novel[0].indices if sub.novel_stream else None
             trainer = _substage_trainer(ctx, 2, 0, i, sub, out, prev, novel)
             done = trainer.fit(
-                p.stage2_train.indices, stage2_epochs(s1[i]), schedule="replay", replay_drops=s1[i].lr_drops,
+                p.stage2_train.indices, handed_on(s1[i])[0], schedule="replay", replay_drops=s1[i].lr_drops,
                 resume=resume, on_epoch_end=on_epoch_end, novel_indices=novel,
             )  # fmt: skip
         prev = (out, done.checkpoint_last)
@@ -407,7 +418,7 @@ def run_curriculum_stage2(ctx: RunContext, run_dir: Path, *, resume: bool, on_ep
         outcomes.append(
             trainer.fit(
                 p.stage2_train.indices,
-                stage2_epochs(s1[-1]),
+                handed_on(s1[-1])[0],
                 schedule="replay",
                 replay_drops=s1[-1].lr_drops,
                 resume=resume,
@@ -504,7 +515,9 @@ def test_beta(beta: float, ctx: RunContext) -> float:
     of it (``metrics.transfer_beta``, e.g. AVCA's 0 -> 1e-10)."""
     if ctx.compat != "official":
         return beta
-    return metrics.transfer_beta(beta, ctx.cfg.method)
+    from avlowshot.models import registry
+
+    return metrics.transfer_beta(beta, registry.method_class(ctx.cfg.method).beta_family or ctx.cfg.method)
 
 
 def _percent(result, task: str) -> dict[str, float]:
@@ -667,8 +680,8 @@ def build_result(ctx: RunContext, run_dir: Path, evaluated: dict[str, Any]) -> d
             subs[sub.name] = {
                 "best_epoch": a.best_epoch,
                 "best_val": a.best_hm,
-                "val_metric": sub.val_metric,
-                "stage2_epochs": stage2_epochs(a),
+                "val_metric": sub.val_metric if sub.validate else None,
+                "stage2_epochs": handed_on(a)[0],
                 "lr_drops": a.lr_drops,
                 "seconds_stage1": a.seconds,
                 "seconds_stage2": None if b is None else b.seconds,

@@ -321,7 +321,11 @@ class Trainer:
         # can carry over between substages that freeze different parts.
         params = list(method.parameters()) if substage is not None else list(method.trainable_parameters())
         # A method without trainable parameters (text-match) has no optimiser; it only runs zero-epoch stages.
-        self.optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay) if params else None
+        lr = substage.lr if substage is not None and substage.lr is not None else cfg.lr
+        betas = substage.adam_betas if substage is not None and substage.adam_betas is not None else (0.9, 0.999)
+        self.optimizer = torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=cfg.weight_decay) if params else None
+        self.batch_size = substage.batch_size if substage is not None and substage.batch_size else cfg.batch_size
+        self.n_batches = substage.n_batches if substage is not None and substage.n_batches else cfg.n_batches
         self.scheduler = None
         if cfg.lr_scheduler and self.optimizer is not None:
             self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -404,14 +408,14 @@ class Trainer:
         if schedule == "val" and val is None:
             raise ValueError("schedule='val' needs a validation split")
         cfg = self.cfg
-        sampler = ClassBalancedSampler(self.store.labels.numpy(), train_indices, cfg.batch_size, cfg.n_batches)
+        sampler = ClassBalancedSampler(self.store.labels.numpy(), train_indices, self.batch_size, self.n_batches)
         sub = self.substage
         novel_sampler = None
         if sub is not None and sub.novel_stream:
             if novel_indices is None:
                 raise ValueError(f"substage {sub.name!r} needs novel_indices")
             novel_sampler = ClassBalancedSampler(
-                self.store.labels.numpy(), novel_indices, cfg.batch_size, cfg.n_batches
+                self.store.labels.numpy(), novel_indices, self.batch_size, self.n_batches
             )
         seen_by_method = train_indices if novel_indices is None else np.union1d(train_indices, novel_indices)
         self.method.observe_training_set(self.store, seen_by_method)
@@ -565,6 +569,8 @@ class Trainer:
         if method.needs_class_table:
             class_ids = torch.as_tensor(sampler.class_ids, dtype=torch.int64, device=self.text.device)
             class_kwargs = {"class_text": self.text[class_ids], "class_ids": class_ids}
+        if method.needs_label_text:
+            class_kwargs["label_text"] = self.text[method.label_space.to(self.text.device)]
         return EpochPlan(idx, neg, window, draws, neg_draws, class_kwargs)
 
     def load_batch(
@@ -595,10 +601,13 @@ class Trainer:
 
     def load_iteration(self, plan: EpochPlan, b: int) -> list[tuple[Batch, torch.Tensor, dict[str, Any]]]:
         """The batches of iteration ``b``: one, or for a substage with a novel stream the base and the novel batch
-        (each with its ``stream`` argument)."""
+        (each with its ``stream`` argument); a substage with named ``steps`` repeats the base batch once per step
+        (with its ``step`` argument)."""
         if self.substage is None:
             return [self.load_batch(plan, b)]
         batch, text, kwargs = self.load_batch(plan, b)
+        if self.substage.steps:
+            return [(batch, text, {**kwargs, "stream": "base", "step": s}) for s in self.substage.steps]
         items = [(batch, text, {**kwargs, "stream": "base"})]
         if plan.novel is not None:
             batch, text, kwargs = self.load_batch(plan.novel, b, self.novel_text)
@@ -606,12 +615,18 @@ class Trainer:
         return items
 
     def train_iteration(self, items: list[tuple[Batch, torch.Tensor, dict[str, Any]]]) -> dict[str, torch.Tensor]:
-        """One optimiser step per batch of the iteration; the loss terms (prefixed per stream when two)."""
+        """One optimiser step per batch of the iteration; the loss terms (prefixed per step, or per stream, when
+        more than one)."""
         if len(items) == 1:
             return self.train_step(*items[0])
-        base, novel = (self.train_step(*item) for item in items)
-        losses = {**{f"base_{k}": v for k, v in base.items()}, **{f"novel_{k}": v for k, v in novel.items()}}
-        losses["loss"] = losses["base_loss"] + losses["novel_loss"]
+        losses: dict[str, torch.Tensor] = {}
+        total = None
+        for item in items:
+            part = self.train_step(*item)
+            prefix = item[2].get("step") or item[2]["stream"]
+            losses.update({f"{prefix}_{k}": v for k, v in part.items()})
+            total = part["loss"] if total is None else total + part["loss"]
+        losses["loss"] = total
         return losses
 
     def prefetching(self) -> bool:
@@ -650,9 +665,9 @@ class Trainer:
         self.method.train()
         plan = self.plan_epoch(sampler, epoch, novel_sampler)
         sums: dict[str, torch.Tensor] = {}
-        bar = _bar(cfg.n_batches, f"{self.name} {epoch + 1}/{epochs}", self.progress)
+        bar = _bar(self.n_batches, f"{self.name} {epoch + 1}/{epochs}", self.progress)
         try:
-            for b, items in enumerate(self.iterations(plan, cfg.n_batches)):
+            for b, items in enumerate(self.iterations(plan, self.n_batches)):
                 losses = self.train_iteration(items)
                 for k, v in losses.items():
                     sums[k] = sums[k] + v if k in sums else v.clone()
@@ -663,7 +678,7 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
-        train = {k: float(v) / cfg.n_batches for k, v in sums.items()}
+        train = {k: float(v) / self.n_batches for k, v in sums.items()}
         if not math.isfinite(train.get("loss", 0.0)):
             raise AvlowshotError(
                 f"{self.name}, epoch {epoch + 1}: the training loss is {train['loss']} "
