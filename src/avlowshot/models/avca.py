@@ -7,12 +7,22 @@ Kept reference behaviour (specs §9, items 2-5), since the published numbers dep
 * the double residual after the transformer: tokens become ``2*phi + pos + deltas``;
 * every sub-network call is its own BatchNorm batch, in the reference call order, including the calls whose
   outputs the loss never reads; they only move BN running statistics, and those are the eval-time statistics.
+
+GFSL (AV-DIFF Table 2, ``--shots k``; baselines.md §3.7, PROPOSED: the adaptation is not public): AV-DIFF "uses a
+classifier on the video output". ``model.head: classifier`` (the shipped ``<ds>-cls-<k>shot`` configs, AV-DIFF's
+``--AVCA_cls``): ``Linear(64, C)`` on ``theta_v``, CE only, softmax probabilities at test with AV-DIFF's metric
+(+ 65 x C parameters); ``classifier+avca`` (``--AVCA_cls_original``): AVCA's whole loss plus that CE; ``text``
+(``--AVCA``, the GZSL default): nearest ``W_proj(w)`` with calibrated distances. AVCA's own optimisation and
+dropouts of the cls configs, on the temporal averages of the avdiff / tcaf-cls features (or avca-cls). Published
+GFSL HM / FSL (1 / 5 / 10-shot): VGGSound 6.29 / 10.29, 15.98 / 20.50, 18.08 / 28.27; UCF 43.61 / 31.24, 49.19 /
+36.70, 50.53 / 39.17; ActivityNet 12.83 / 12.22, 20.09 / 21.65, 26.02 / 26.76.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
@@ -20,7 +30,7 @@ from torch import Tensor, nn
 
 from avlowshot.data.batching import Batch
 from avlowshot.models.base import InputDims, Method, check_averaged
-from avlowshot.models.layers import EmbeddingNet, PreNormTransformer
+from avlowshot.models.layers import EmbeddingNet, PreNormTransformer, label_columns
 
 # Hard-coded in the reference: token width (= its word-vector dim), attention shape and the joint space.
 MODEL_DIM = 300
@@ -46,6 +56,12 @@ class AVCAConfig(BaseModel):
     first_additional_triplet: float = 1.0
     second_additional_triplet: float = 1.0
     reg_loss: bool = False
+    head: Literal["text", "classifier", "classifier+avca"] = Field(
+        "text",
+        description="text: AVCA's nearest W_proj(w) (GZSL; a distance GFSL); classifier: AV-DIFF's AVCA_cls, "
+        "Linear(64, C) on theta_v with CE only (GFSL, PROPOSED default there); classifier+avca: AVCA_cls_original, "
+        "AVCA's loss + that CE",
+    )
 
 
 def _triplet(anchor: Tensor, positive: Tensor, negative: Tensor) -> Tensor:
@@ -59,14 +75,21 @@ class AVCA(Method):
     needs_negatives: ClassVar[bool] = True
     config_class: ClassVar[type[BaseModel]] = AVCAConfig
     tasks: ClassVar[tuple[str, ...]] = ("gzsl", "gfsl")
-    layouts: ClassVar[tuple[str, ...]] = ("avca-cls", "avca-main", "tcaf-cls", "tcaf-main", "clipclap")
+    layouts: ClassVar[tuple[str, ...]] = ("avca-cls", "avca-main", "tcaf-cls", "tcaf-main", "clipclap", "avdiff")
     inputs: ClassVar[str] = "averaged"
+
+    needs_label_space: ClassVar[bool] = True  # the classifier heads' label space; the text head ignores it
 
     config: AVCAConfig
 
-    def __init__(self, config: AVCAConfig, dims: InputDims, compat: str = "none"):
+    def __init__(self, config: AVCAConfig, dims: InputDims, compat: str = "none", classes=None):
         super().__init__(config, dims, compat)
         c = config
+        self.needs_label_space = c.head != "text"
+        if self.needs_label_space:
+            if classes is None:
+                raise ValueError(f"AVCA with head {c.head} needs the label space of its classifier (classes=...)")
+            self.score_kind = "probability"
 
         def net(in_dim: int, out_dim: int, dropout: float, hidden: int = 0) -> EmbeddingNet:
             # The reference ignores --momentum for single-layer nets (their only BN keeps the default 0.1).
@@ -87,6 +110,10 @@ class AVCA(Method):
         # Missing from the reference's optimiser, so it keeps its random init: frozen, but a Parameter so that it is
         # counted and saved under the reference's key.
         self.pos_emb1D = nn.Parameter(torch.randn(2, MODEL_DIM), requires_grad=False)
+        if self.needs_label_space:  # AV-DIFF's AVCA adaptation: a classifier on the video output (baselines §3.7)
+            space = np.sort(np.asarray(classes, dtype=np.int64))
+            self.register_buffer("label_space", torch.as_tensor(space), persistent=False)
+            self.classifier = nn.Linear(DIM_OUT, len(space))
 
     def _attend(self, phi_a: Tensor, phi_v: Tensor) -> tuple[Tensor, Tensor]:
         tokens = torch.stack((phi_a + self.pos_emb1D[0], phi_v + self.pos_emb1D[1]), dim=1)  # [B, 2, 300]
@@ -97,6 +124,10 @@ class AVCA(Method):
     def losses(
         self, batch: Batch, text: Tensor, negative: Batch | None = None, negative_text: Tensor | None = None
     ) -> dict[str, Tensor]:
+        if self.config.head == "classifier":  # AVCA_cls: the classifier's CE on theta_v only
+            theta_v = self.encode_video(batch)
+            l_ce = F.cross_entropy(self.classifier(theta_v), label_columns(self.label_space, batch.labels))
+            return {"l_ce": l_ce, "loss": l_ce}
         if negative is None or negative_text is None:
             raise ValueError("AVCA needs a negative batch and its class text embeddings (needs_negatives=True)")
         check_averaged(batch, "AVCA")
@@ -151,6 +182,8 @@ class AVCA(Method):
                 + F.mse_loss(theta_a, theta_w)
             )
         out.update(self.encoder_terms(phi_a, phi_v, phi_a_neg, phi_v_neg))
+        if c.head == "classifier+avca":  # AVCA_cls_original: AVCA's loss and the classifier's CE on theta_v
+            out["l_ce"] = F.cross_entropy(self.classifier(theta_v), label_columns(self.label_space, batch.labels))
         out["loss"] = sum(out.values())
         return out
 
@@ -171,16 +204,28 @@ class AVCA(Method):
         self.V_proj(v_att)
         self.A_proj(a_att)
 
-    def encode_samples(self, batch: Batch) -> Tensor:
-        """``theta_v`` [B, 64]: the reference scores the video branch only (specs §9.2)."""
+    def encode_video(self, batch: Batch) -> Tensor:
+        """``theta_v`` [B, 64], the video output."""
         check_averaged(batch, "AVCA")
         _, v_att = self._attend(self.A_enc(batch.audio), self.V_enc(batch.video))
         return self.V_proj(v_att)
 
-    def encode_classes(self, text: Tensor) -> Tensor:
-        """``theta_w = W_proj(text)`` [C, 64]."""
-        return self.W_proj(text)
+    def encode_samples(self, batch: Batch) -> Tensor:
+        """``theta_v`` [B, 64]: the reference scores the video branch only (specs §9.2); the classifier heads:
+        softmax probabilities over the label space [B, C]."""
+        theta_v = self.encode_video(batch)
+        return torch.softmax(self.classifier(theta_v), dim=-1) if self.needs_label_space else theta_v
+
+    def encode_classes(self, text: Tensor, class_ids: Tensor | None = None) -> Tensor:
+        """``theta_w = W_proj(text)`` [C, 64]; the classifier heads: the columns of ``class_ids``."""
+        if not self.needs_label_space:
+            return self.W_proj(text)
+        if class_ids is None:
+            raise ValueError(f"AVCA (head {self.config.head}) scores classes by classifier column: pass class_ids")
+        return label_columns(self.label_space, class_ids.to(self.label_space.device))
 
     def scores(self, sample_codes: Tensor, class_codes: Tensor) -> Tensor:
+        if self.needs_label_space:
+            return sample_codes[:, class_codes.to(sample_codes.device)]
         # Default compute mode (matmul path above 25 rows), as the reference, so that ties break the same way.
         return torch.cdist(sample_codes, class_codes)

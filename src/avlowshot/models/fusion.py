@@ -77,6 +77,7 @@ from avlowshot.models.layers import (
     GEGLUFeedForward,
     SharedNormLayer,
     embed_rows,
+    label_columns,
 )
 
 DIM_OUT = 64  # the joint embedding width of the TCAF / AV-DIFF heads
@@ -188,6 +189,7 @@ class FusionBaseline(Method):
         self.official = compat == "official"
         self.fsl = config.head == "fsl"
         self.score_kind = "probability" if self.fsl else "distance"
+        self.needs_label_space = self.fsl  # the instance says whether its head scores by classifier column
         if self.fsl and classes is None:
             raise ValueError(f"{self.name} with head fsl needs the label space of its classifier (classes=...)")
         labels = np.sort(np.asarray(classes if classes is not None else [], dtype=np.int64))
@@ -228,13 +230,7 @@ class FusionBaseline(Method):
 
     def columns(self, labels: Tensor) -> Tensor:
         """Global class ids -> classifier columns (ascending id order of the label space)."""
-        space = self.label_space.to(labels.device)
-        col = torch.searchsorted(space, labels)
-        if not labels.is_cuda:  # the check reads values back: a host sync per step on a GPU
-            inside = col < len(space)
-            if not bool(inside.all()) or not bool((space[col[inside]] == labels[inside]).all()):
-                raise ValueError("a label is outside the classifier's label space")
-        return col
+        return label_columns(self.label_space.to(labels.device), labels)
 
     def _zsl_ce(self, theta: Tensor, class_text: Tensor, class_ids: Tensor, labels: Tensor) -> Tensor:
         return F.cross_entropy(theta @ self.W_proj(class_text).t(), torch.searchsorted(class_ids, labels))

@@ -157,6 +157,8 @@ class HyperAlignment(AVCA):
 
     config: HyperConfig
 
+    needs_label_space: ClassVar[bool] = False  # AVCA's text head only
+
     def __init__(self, config: HyperConfig, dims: InputDims, compat: str = "none"):
         super().__init__(config, dims, compat)
         k = self.curvature_outputs()
