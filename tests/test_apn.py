@@ -105,3 +105,14 @@ def test_apn_learns_through_the_cli(layout, synth_root, tmp_path, one_thread):
     chance = 100 / len(rec["per_class"])
     assert rec["metrics"]["seen"] > 3 * chance and rec["metrics"]["unseen"] > 3 * chance, rec["metrics"]
     assert rec["n_params"] == 2 * 300 * (128 + 4096)
+
+
+def test_official_test_beta_is_the_avca_conversion():
+    from types import SimpleNamespace
+
+    from avlowshot.train import protocol
+
+    ctx = SimpleNamespace(compat="official", cfg=SimpleNamespace(method="apn"))
+    assert protocol.test_beta(0.0, ctx) == 1e-10  # get_evaluation.py: a falsy beta would re-search on test
+    assert protocol.test_beta(0.4, ctx) == pytest.approx(0.4)
+    assert protocol.test_beta(0.0, SimpleNamespace(compat="none", cfg=ctx.cfg)) == 0.0

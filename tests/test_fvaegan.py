@@ -228,3 +228,12 @@ def test_fvaegan_learns_through_the_cli(synth_root, tmp_path, one_thread):
     for stage in ("stage-1", "stage-2"):
         assert (run / stage / "generator" / "summary.json").is_file()
         assert (run / stage / "classifier" / "summary.json").is_file()
+
+
+def test_official_mode_has_no_calibration():
+    from types import SimpleNamespace
+
+    from avlowshot.train import protocol
+
+    ctx = SimpleNamespace(compat="official", cfg=SimpleNamespace(method="fvaegan"))
+    assert protocol.test_beta(0.0, ctx) == 0.0  # the val grid is {0} (plain argmax) and 0 stays 0 at test
