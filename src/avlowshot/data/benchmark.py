@@ -23,7 +23,7 @@ from avlowshot.data.layouts import (
 from avlowshot.data.safe_pickle import load_npy_dict
 from avlowshot.data.splits import SHOT_CHOICES, ClassLists, Protocol, avdiff_protocol, derive_gfsl, gzsl_protocol
 from avlowshot.data.store import FeatureStore
-from avlowshot.errors import DataError
+from avlowshot.errors import DataError, disk_full, is_disk_full
 
 
 @dataclass
@@ -323,16 +323,22 @@ def open_store(
     steps = (spec.audio.step_seconds, spec.video.step_seconds)
     opened = cache_mod.open_cache(target, spec.temporal, steps)
     if opened is None:
-        writer = cache_mod.CacheWriter(target)
+        writer = None
         try:
+            writer = cache_mod.CacheWriter(target)
             for folder, cid, vids, audio, video in iter_samples(spec, root, classes, shots):
                 writer.add("audio", audio)
                 writer.add("video", video)
                 writer.add_samples(np.full(len(vids), cid), list(spec.folders).index(folder), vids)
-        except BaseException:
-            writer.abort()
+            writer.commit({"root": str(root), "layout": spec.name, "dataset": dataset, "shots": shots, "key": key})
+        except BaseException as exc:
+            if writer is not None:
+                writer.abort()
+            if is_disk_full(exc):  # the cache holds about as many bytes as the class files
+                raise disk_full(
+                    cache_root, sum(f.stat().st_size for f in files), f"the feature cache {target.name}"
+                ) from None
             raise
-        writer.commit({"root": str(root), "layout": spec.name, "dataset": dataset, "shots": shots, "key": key})
         cache_mod.remove_stale(cache_root, prefix, target.name, str(root))
         opened = cache_mod.open_cache(target, spec.temporal, steps)
     return FeatureStore(
