@@ -312,14 +312,20 @@ def _prepare_run_dir(spec: RunSpec, parts: str, resume: bool) -> dict[str, Any]:
                 f"{run_dir}: the run directory already holds {', '.join(busy)}; pass --resume to continue it, "
                 f"--run eval to re-evaluate it, or choose another --log-dir"
             )
-    if have_info:
+    return info
+
+
+def _init_run_dir(spec: RunSpec, info: dict[str, Any]) -> None:
+    """Write run.json and config.yaml of a new run directory; clean up an existing one after a kill. Called once the
+    data has loaded, so bad data leaves no run directory behind."""
+    run_dir = spec.run_dir
+    if (run_dir / RUN_FILE).is_file():
         for p in ckpt.remove_leftovers(run_dir):
             log.info("removed %s, left by an interrupted write", p)
+        return
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not have_info:
-        ckpt.atomic_write_text(run_dir / CONFIG_FILE, dump_config(spec.cfg))
-        ckpt.atomic_write_json(run_dir / RUN_FILE, {**info, "created": _now()})
-    return info
+    ckpt.atomic_write_text(run_dir / CONFIG_FILE, dump_config(spec.cfg))
+    ckpt.atomic_write_json(run_dir / RUN_FILE, {**info, "created": _now()})
 
 
 def _now() -> str:
@@ -717,6 +723,7 @@ def run(
     ctx = RunContext(
         info, spec.cfg, spec.device, spec.progress, cache_dir=spec.cache_dir, rebuild_cache=spec.rebuild_cache
     )
+    _init_run_dir(spec, info)
     run_dir = spec.run_dir
     log.info("run directory %s", run_dir)
     if parts in ("all", "stage-1"):
