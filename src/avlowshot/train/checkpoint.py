@@ -59,9 +59,10 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def _write_file(path: Path, data: bytes) -> None:
-    """A new file holding ``data``, flushed to disk."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+def _write_file(path: Path, data: bytes, fd: int | None = None) -> None:
+    """A new file holding ``data`` (``fd``: already opened for writing), flushed to disk and closed."""
+    if fd is None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         _write_all(fd, data)
         os.fsync(fd)
@@ -79,11 +80,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             raise disk_full(path.parent, len(data), path.name) from None
         raise
     try:
-        try:
-            _write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _write_file(Path(tmp), data, fd)
         os.replace(tmp, path)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
