@@ -289,11 +289,10 @@ def _prepare_run_dir(spec: RunSpec, parts: str, resume: bool) -> dict[str, Any]:
     }
     have_info = (run_dir / RUN_FILE).is_file()
     if have_info:
-        old = _read_json(run_dir / RUN_FILE)
+        old, old_cfg = load_run_info(run_dir)
         for key in ("method", "layout", "dataset", "shots", "seed", "compat"):
             if old.get(key) != info[key]:
                 raise ConfigError(f"{run_dir / RUN_FILE}: '{key}' is {old.get(key)!r}, this run has {info[key]!r}")
-        old_cfg = validate_config(read_yaml(run_dir / CONFIG_FILE), source=str(run_dir / CONFIG_FILE))
         diff = config_diff(old_cfg, spec.cfg)
         if diff:
             raise ConfigError(
