@@ -398,3 +398,18 @@ def test_audio_and_video_in_another_order_are_paired_by_id(synth_root, tmp_path,
     b = load_benchmark("tcaf-cls", root, "UCF", cache_dir=cache_dir / "b").store
     assert list(a.video_ids) == list(b.video_ids)
     assert torch.equal(a.video.data, b.video.data) and torch.equal(a.video.offsets, b.video.offsets)
+
+
+def test_h5_float64_beyond_float32(synth_root, tmp_path):
+    root = _copy(synth_root, tmp_path, layout="avca-cls")
+    f = _first(root, "features/cls_features/audio/stage_2_test_seen")
+    with h5py.File(f, "a") as fh:
+        data = fh["data"][()].astype(np.float64)
+        data[-1, 5] = -1e39
+        del fh["data"]
+        fh.create_dataset("data", data=data)
+    before = _digest(root)
+    for res in _check_and_run(root, tmp_path, "avca-cls", "avca"):
+        assert res.exit_code == 2, res.output
+        assert f"{f} [features]: audio features hold 1e+39 (row {len(data) - 1}), finite as float64" in res.output
+    assert _digest(root) == before
