@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -419,3 +420,16 @@ def test_disk_full_while_building_the_cache(finished, tmp_path, monkeypatch):
     monkeypatch.undo()
     res = runner.invoke(app, ["check-data", "--layout", "avca-cls", "--root-dir", str(root), "--dataset", "UCF"])
     assert res.exit_code == 0
+
+
+def test_cache_half_built_by_a_killed_process_is_removed(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    final = tmp_path / "UCF-avca-cls-0123"
+    mine, theirs = tmp_path / f".{final.name}.tmp-dead0001", tmp_path / f".{final.name}.tmp-live0001"
+    for d, pid in ((mine, int(dead.stdout)), (theirs, os.getpid())):  # a dead process's and a live one's
+        d.mkdir()
+        (d / "audio.bin").write_bytes(b"\0" * 64)
+        (d / cache_mod.OWNER_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": pid}))
+    writer = cache_mod.CacheWriter(final)
+    assert not mine.exists() and theirs.exists()
+    writer.abort()

@@ -81,7 +81,8 @@ def remove_abandoned(final_dir: Path) -> None:
             owner = json.loads((d / OWNER_FILE).read_text())
         except (OSError, ValueError):
             continue
-        if owner.get("host") == socket.gethostname() and not _alive(int(owner.get("pid", 0)) or os.getpid()):
+        pid = owner.get("pid") if isinstance(owner, dict) else None
+        if isinstance(pid, int) and pid > 0 and owner.get("host") == socket.gethostname() and not _alive(pid):
             shutil.rmtree(d, ignore_errors=True)
 
 
