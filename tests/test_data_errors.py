@@ -11,6 +11,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from avlowshot.cli import app
@@ -21,6 +22,7 @@ from avlowshot.errors import DataError
 
 runner = CliRunner()
 TCAF = "features/cls_features_non_averaged"
+RUN = ["run", "--method", "tcaf", "--layout", "tcaf-cls", "--dataset", "UCF", "--quiet"]
 
 
 def _copy(synth_root, tmp_path, layout="tcaf-cls", **kw) -> Path:
@@ -125,6 +127,71 @@ def _corrupt_npy(root):
     return "word_embeddings_ucf_normed.npy", "not a valid .npy"
 
 
+def _lists_overlap(root):
+    split = root / "class-split/cls_split"
+    name = (split / "stage_1_train.txt").read_text().split()[0]
+    with open(split / "stage_1_val_unseen.txt", "a") as fh:
+        fh.write(f"{name}\n")
+    return "stage_1_val_unseen.txt", f"class '{name}' is listed in both stage_1_train.txt and stage_1_val_unseen.txt"
+
+
+def _duplicated_class(root):
+    path = root / "class-split/all_class.txt"
+    name = path.read_text().split()[5]
+    path.write_text(path.read_text() + f"{name}\n")
+    return "all_class.txt", f"class '{name}' is listed twice"
+
+
+def _non_utf8_video_id(root):
+    f = _first(root, f"{TCAF}/audio/stage_1_val_seen")
+    _rewrite(f, lambda o: o["video_names"].__setitem__(1, b"v_\xff\xfe"))
+    return f.name, "is not UTF-8 text"
+
+
+def _video_names_not_strings(root):
+    f = _first(root, f"{TCAF}/video/stage_1_train")
+    _rewrite(f, lambda o: o.__setitem__("video_names", list(range(len(o["video_names"])))))
+    return f.name, "video id is a int (0), expected a string or bytes"
+
+
+def _features_none(root):
+    f = _first(root, f"{TCAF}/audio/stage_2_test_seen")
+    _rewrite(f, lambda o: o.__setitem__("features", None))
+    return f.name, "'features' is a NoneType, expected a list of numpy arrays"
+
+
+def _features_not_arrays(root):
+    f = _first(root, f"{TCAF}/video/stage_2_test_seen")
+    _rewrite(f, lambda o: o.__setitem__("features", [x.tolist() for x in o["features"]]))
+    return f.name, "features[0] is a list, not a numpy array"
+
+
+def _beyond_float32(root):
+    f = _first(root, f"{TCAF}/video/stage_1_val_unseen")
+
+    def edit(o):
+        x = o["features"][0].astype(np.float64)
+        x[0, 7] = 1e39  # finite as float64, inf as float32
+        o["features"][0] = x
+
+    _rewrite(f, edit)
+    return f.name, "finite as float64 but beyond the float32 range"
+
+
+def _dangling_symlink(root):
+    f = _first(root, f"{TCAF}/audio/stage_1_train")
+    f.unlink()
+    f.symlink_to(f.with_name("moved_away.pkl"))
+    return f.name, "dangling symlink"
+
+
+def _symlink_loop(root):
+    f = _first(root, f"{TCAF}/video/stage_2_test_unseen")
+    f.unlink()
+    f.symlink_to(f.name)
+    return f.name, "symlink loop"
+
+
 CASES = [
     _missing_folder,
     _missing_class_file,
@@ -137,6 +204,15 @@ CASES = [
     _class_without_embedding,
     _unknown_class_file,
     _corrupt_npy,
+    _lists_overlap,
+    _duplicated_class,
+    _non_utf8_video_id,
+    _video_names_not_strings,
+    _features_none,
+    _features_not_arrays,
+    _beyond_float32,
+    _dangling_symlink,
+    _symlink_loop,
 ]
 
 
@@ -156,6 +232,13 @@ def test_bad_input_library_and_cli(breakage, synth_root, tmp_path, cache_dir):
     result = runner.invoke(app, ["check-data", "--layout", "tcaf-cls", "--root-dir", str(root), "--dataset", "UCF"])
     assert result.exit_code == 2, result.output
     assert message in result.output and needle in result.output
+    assert _digest(root) == before
+    # run refuses the same root before it creates a run directory or a cache
+    logs = tmp_path / "runs"
+    result = runner.invoke(app, [*RUN, "--root-dir", str(root), "--log-dir", str(logs), "--cache-dir", str(cache_dir)])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and needle in result.output
+    assert not logs.exists() and (not cache_dir.exists() or not any(cache_dir.iterdir()))
     assert _digest(root) == before
 
 
@@ -240,3 +323,93 @@ def test_unknown_layout_and_dataset(synth_root):
     # a dataset of one's own is allowed; a UCF root has no name map for it
     r = runner.invoke(app, ["check-data", "--layout", "tcaf-cls", "--root-dir", str(root), "--dataset", "Kinetics"])
     assert r.exit_code == 2 and "kinetics_w2v_class_names.csv: class-name map not found" in r.output
+
+
+def _check_and_run(root: Path, tmp_path: Path, layout: str, method: str):
+    args = ["--layout", layout, "--root-dir", str(root), "--dataset", "UCF"]
+    checked = runner.invoke(app, ["check-data", *args])
+    run = ["run", "--method", method, *args, "--log-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "c")]
+    ran = runner.invoke(app, [*run, "--quiet", "--set", "epochs=1", "--set", "n_batches=1"])
+    return checked, ran
+
+
+def test_split_class_without_feature_files(synth_root, tmp_path):
+    root = _copy(synth_root, tmp_path)
+    name = (root / "class-split/cls_split/stage_1_train.txt").read_text().split()[0]
+    for m in ("audio", "video"):
+        (root / TCAF / m / "stage_1_train" / f"{name}.pkl").unlink()
+    before = _digest(root)
+    for res in _check_and_run(root, tmp_path, "tcaf-cls", "tcaf"):
+        assert res.exit_code == 2, res.output
+        assert "stage_1_train.txt" in res.output and "have no feature files in the folder(s)" in res.output
+        assert name in res.output and "[" + name + "]" in res.output  # the key survives the console's markup
+    assert not (tmp_path / "runs").exists()
+    assert _digest(root) == before
+
+
+def test_h5_with_absurd_declared_shape_is_refused_from_the_header(synth_root, tmp_path):
+    root = _copy(synth_root, tmp_path, layout="avca-cls")
+    f = _first(root, "features/cls_features/video/stage_1_train")
+    f.unlink()
+    with h5py.File(f, "w") as fh:  # 2^31 x 4096 float32 declared (32 TiB), nothing written: a 2 KiB file
+        fh.create_dataset("data", shape=(2**31, 4096), dtype="float32")
+        fh.create_dataset("video_urls", data=np.array([b"v_1"]))
+    assert f.stat().st_size < 10_000
+    before = _digest(root)
+    for res in _check_and_run(root, tmp_path, "avca-cls", "avca"):
+        assert res.exit_code == 2, res.output
+        assert f.name in res.output and "declares shape (2147483648, 4096) float32 (32.0 TiB)" in res.output
+        assert "stores only 0 bytes" in res.output
+    assert _digest(root) == before
+
+
+def test_crlf_and_spaces_in_class_lists_read_and_reported(synth_root, tmp_path, cache_dir):
+    clean = synth_root("tcaf-cls")
+    root = _copy(synth_root, tmp_path)
+    for path in (root / "class-split/all_class.txt", root / "class-split/cls_split/stage_1_train.txt"):
+        lines = path.read_text().splitlines()
+        path.write_bytes("".join(f"{x}  \r\n" for x in lines).encode())
+    res = runner.invoke(app, ["check-data", "--layout", "tcaf-cls", "--root-dir", str(root), "--dataset", "UCF"])
+    assert res.exit_code == 0, res.output
+    flat = " ".join(res.output.split())
+    assert "all_class.txt: CRLF line ends, read as plain line ends" in flat
+    assert "all_class.txt: spaces around 101 class name(s) stripped" in flat
+    assert "stage_1_train.txt: spaces around 30 class name(s) stripped" in flat
+    a, b = check_root("tcaf-cls", clean, "UCF"), check_root("tcaf-cls", root, "UCF")
+    assert a.protocol.describe() == b.protocol.describe() and a.notes == []
+
+
+def test_audio_and_video_in_another_order_are_paired_by_id(synth_root, tmp_path, cache_dir):
+    clean = synth_root("tcaf-cls")
+    root = _copy(synth_root, tmp_path)
+    f = _first(root, f"{TCAF}/video/stage_1_train")
+
+    def reverse(o):
+        for k in ("features", "video_names", "fps"):
+            o[k] = o[k][::-1]
+
+    _rewrite(f, reverse)
+    res = runner.invoke(app, ["check-data", "--layout", "tcaf-cls", "--root-dir", str(root), "--dataset", "UCF"])
+    assert res.exit_code == 0, res.output
+    flat = " ".join(res.output.split())
+    assert "1 video file(s) list the same videos as their audio file in another order" in flat
+    assert "paired by video id" in flat and f.name in flat
+    a = load_benchmark("tcaf-cls", clean, "UCF", cache_dir=cache_dir / "a").store
+    b = load_benchmark("tcaf-cls", root, "UCF", cache_dir=cache_dir / "b").store
+    assert list(a.video_ids) == list(b.video_ids)
+    assert torch.equal(a.video.data, b.video.data) and torch.equal(a.video.offsets, b.video.offsets)
+
+
+def test_h5_float64_beyond_float32(synth_root, tmp_path):
+    root = _copy(synth_root, tmp_path, layout="avca-cls")
+    f = _first(root, "features/cls_features/audio/stage_2_test_seen")
+    with h5py.File(f, "a") as fh:
+        data = fh["data"][()].astype(np.float64)
+        data[-1, 5] = -1e39
+        del fh["data"]
+        fh.create_dataset("data", data=data)
+    before = _digest(root)
+    for res in _check_and_run(root, tmp_path, "avca-cls", "avca"):
+        assert res.exit_code == 2, res.output
+        assert f"{f} [features]: audio features hold 1e+39 (row {len(data) - 1}), finite as float64" in res.output
+    assert _digest(root) == before

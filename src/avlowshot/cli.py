@@ -92,6 +92,8 @@ def check_data(
     for name, n_cls, n_vid in report.protocol.describe():
         splits.add_row(name, str(n_cls), str(n_vid))
     console.print(splits)
+    for note in report.notes:
+        console.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
     console.print("[green]ok[/]: every file read, every check passed")
 
 

@@ -55,7 +55,14 @@ def _feature_set(layout: str) -> str:
 
 class Predictor:
     def __init__(self, run_dir: str | Path, device: str = "cpu", cache_dir: str | Path | None = None):
-        from avlowshot.train.protocol import RESULT_FILE, RunContext, _load_model, load_run_info, read_summary
+        from avlowshot.train.protocol import (
+            RESULT_FILE,
+            RunContext,
+            _load_model,
+            _read_json,
+            load_run_info,
+            read_summary,
+        )
 
         self.run_dir = Path(run_dir)
         info, cfg = load_run_info(self.run_dir)
@@ -66,7 +73,14 @@ class Predictor:
         if summary is None or not result_file.is_file():
             raise AvlowshotError(f"{self.run_dir}: the run has not finished (no {RESULT_FILE}); finish it with `run`")
         self.method = _load_model(self.ctx, dirs[0], summary.checkpoint_last)
-        self.beta = json.loads(result_file.read_text(encoding="utf-8")).get("beta_test") or 0.0
+        record = _read_json(result_file)
+        beta = record.get("beta_test") if isinstance(record, dict) else "?"
+        if beta is not None and not isinstance(beta, int | float):
+            raise AvlowshotError(
+                f"{result_file}: 'beta_test' is {beta!r}, expected a number; rewrite it with "
+                f"`avlowshot evaluate --run-dir {self.run_dir}`"
+            )
+        self.beta = beta or 0.0
         self.spec = self.ctx.bench.spec
         self.features_root = self.spec.features_root(self.ctx.bench.root, self.ctx.bench.shots)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +21,9 @@ from avlowshot.data.layouts import (
     read_class_file,
 )
 from avlowshot.data.safe_pickle import load_npy_dict
-from avlowshot.data.splits import SHOT_CHOICES, Protocol, avdiff_protocol, derive_gfsl, gzsl_protocol
+from avlowshot.data.splits import SHOT_CHOICES, ClassLists, Protocol, avdiff_protocol, derive_gfsl, gzsl_protocol
 from avlowshot.data.store import FeatureStore
-from avlowshot.errors import DataError
+from avlowshot.errors import DataError, disk_full, is_disk_full
 
 
 @dataclass
@@ -105,10 +106,20 @@ def read_class_lists(
             path=base,
             fix=f"point --root-dir at the dataset folder holding class-split/{spec.split_family_name(shots)}/",
         )
-    return {
-        name: classes.ids(read_class_list(base / f"{name}.txt"), where=base / f"{name}.txt")
-        for name in spec.class_lists
-    }
+    files = {name: base / f"{name}.txt" for name in spec.class_lists}
+    lists = {name: classes.ids(read_class_list(f), where=f) for name, f in files.items()}
+    for a, b in spec.disjoint_lists:
+        both = np.intersect1d(lists[a], lists[b])
+        if len(both):
+            name = classes.names[int(both[0])]
+            raise DataError(
+                f"class '{name}' is listed in both {a}.txt and {b}.txt, which must not share a class "
+                f"({len(both)} shared: {', '.join(classes.names[int(c)] for c in both[:5])})",
+                path=files[b],
+                key=name,
+                fix=f"remove the shared class(es) from {a}.txt or from {b}.txt",
+            )
+    return ClassLists(lists, files, spec.features_root(root, shots))
 
 
 def _class_files(spec: LayoutSpec, root: Path, modality: str, folder: str, shots: int | None) -> dict[str, Path]:
@@ -120,7 +131,27 @@ def _class_files(spec: LayoutSpec, root: Path, modality: str, folder: str, shots
             key=folder,
             fix=f"the layout {spec.name} needs features/{d.relative_to(root / 'features')}/<Class>.{spec.file_format}",
         )
-    return {p.stem: p for p in sorted(d.iterdir()) if p.is_file() and p.suffix == f".{spec.file_format}"}
+    out = {}
+    for p in sorted(d.iterdir()):
+        if p.suffix != f".{spec.file_format}":
+            continue
+        if p.is_symlink() and not p.exists():  # a broken link would otherwise drop the class without a word
+            try:
+                p.resolve(strict=True)
+                problem = "a symlink that cannot be followed"
+            except FileNotFoundError:
+                problem = f"a dangling symlink (to {os.readlink(p)}, which does not exist)"
+            except (RuntimeError, OSError):
+                problem = "a symlink loop"
+            raise DataError(
+                f"class file is {problem}",
+                path=p,
+                key=p.stem,
+                fix="point the link at the real class file or remove it",
+            )
+        if p.is_file():
+            out[p.stem] = p
+    return out
 
 
 def list_inputs(spec: LayoutSpec, root: Path, shots: int | None) -> list[tuple[str, str, Path, Path]]:
@@ -189,6 +220,19 @@ def _validate(spec: LayoutSpec, modality: str, cf: ClassFile, path: Path) -> lis
                 key="features",
                 fix="re-extract this class",
             )
+        if block.dtype != want:  # finite in the file's dtype, but the store keeps the layout's (e.g. float32)
+            with np.errstate(over="ignore"):
+                over = ~np.isfinite(block.astype(want)).all(axis=1)
+            if over.any():
+                row = int(np.argmax(over))
+                peak = float(np.abs(block[row]).max())
+                raise DataError(
+                    f"{modality} features hold {peak:.3g} (row {row}), finite as {block.dtype} but beyond the "
+                    f"{want} range (max {float(np.finfo(want).max):.3g})",
+                    path=path,
+                    key="features",
+                    fix=f"re-extract this class; {spec.name} stores {modality} as {want}",
+                )
     if len(set(cf.video_ids)) != n:
         dup = next(v for v in cf.video_ids if cf.video_ids.count(v) > 1)
         raise DataError(f"video id '{dup}' occurs twice", path=path, key=dup, fix="each video once per class file")
@@ -198,10 +242,11 @@ def _validate(spec: LayoutSpec, modality: str, cf: ClassFile, path: Path) -> lis
 
 
 def iter_samples(
-    spec: LayoutSpec, root: Path, classes: ClassTable, shots: int | None
+    spec: LayoutSpec, root: Path, classes: ClassTable, shots: int | None, reordered: list[Path] | None = None
 ) -> Iterator[tuple[str, int, list[str], object, object]]:
     """Read, validate and pair every class file: yields (folder, class id, video ids, audio, video) with audio and
-    video matched by video id (not by file order)."""
+    video matched by video id (not by file order). Video files that list their videos in another order than the
+    audio file are appended to ``reordered`` (for check-data's report)."""
     for folder, name, apath, vpath in list_inputs(spec, root, shots):
         cid = classes.id_of(name, where=apath)
         acf, vcf = read_class_file(spec, apath), read_class_file(spec, vpath)
@@ -217,6 +262,8 @@ def iter_samples(
             )
         pos = {v: i for i, v in enumerate(vcf.video_ids)}
         order = np.array([pos[v] for v in acf.video_ids])
+        if reordered is not None and (order != np.arange(len(order))).any():
+            reordered.append(vpath)
         video = [video[i] for i in order] if isinstance(video, list) else video[order]
         yield folder, cid, acf.video_ids, audio, video
 
@@ -276,16 +323,22 @@ def open_store(
     steps = (spec.audio.step_seconds, spec.video.step_seconds)
     opened = cache_mod.open_cache(target, spec.temporal, steps)
     if opened is None:
-        writer = cache_mod.CacheWriter(target)
+        writer = None
         try:
+            writer = cache_mod.CacheWriter(target)
             for folder, cid, vids, audio, video in iter_samples(spec, root, classes, shots):
                 writer.add("audio", audio)
                 writer.add("video", video)
                 writer.add_samples(np.full(len(vids), cid), list(spec.folders).index(folder), vids)
-        except BaseException:
-            writer.abort()
+            writer.commit({"root": str(root), "layout": spec.name, "dataset": dataset, "shots": shots, "key": key})
+        except BaseException as exc:
+            if writer is not None:
+                writer.abort()
+            if is_disk_full(exc):  # the cache holds about as many bytes as the class files
+                raise disk_full(
+                    cache_root, sum(f.stat().st_size for f in files), f"the feature cache {target.name}"
+                ) from None
             raise
-        writer.commit({"root": str(root), "layout": spec.name, "dataset": dataset, "shots": shots, "key": key})
         cache_mod.remove_stale(cache_root, prefix, target.name, str(root))
         opened = cache_mod.open_cache(target, spec.temporal, steps)
     return FeatureStore(

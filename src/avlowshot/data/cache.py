@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import uuid
 from pathlib import Path
 
@@ -59,14 +60,42 @@ def inputs_key(parts: list[str], files: list[Path], small_files: list[Path]) -> 
     return h.hexdigest()
 
 
+OWNER_FILE = "owner.json"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_abandoned(final_dir: Path) -> None:
+    """Delete half-built copies of this cache left by a killed process of this machine (they are never opened, but
+    hold up to the whole cache's size)."""
+    for d in final_dir.parent.glob(f".{final_dir.name}.tmp-*"):
+        try:
+            owner = json.loads((d / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        pid = owner.get("pid") if isinstance(owner, dict) else None
+        if isinstance(pid, int) and pid > 0 and owner.get("host") == socket.gethostname() and not _alive(pid):
+            shutil.rmtree(d, ignore_errors=True)
+
+
 class CacheWriter:
     """Appends samples class by class; memory stays at one class file."""
 
     def __init__(self, final_dir: Path):
         self.final_dir = final_dir
         final_dir.parent.mkdir(parents=True, exist_ok=True)
+        remove_abandoned(final_dir)
         self.tmp_dir = final_dir.with_name(f".{final_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
         self.tmp_dir.mkdir()
+        (self.tmp_dir / OWNER_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
         self._files = {m: open(self.tmp_dir / f"{m}.bin", "wb") for m in ("audio", "video")}
         self._rows = {"audio": [0], "video": [0]}
         self._dtype: dict[str, str] = {}
@@ -105,6 +134,7 @@ class CacheWriter:
         np.save(self.tmp_dir / "video_ids.npy", np.asarray(self.video_ids, dtype=str))
         meta = {**meta, "dtype": self._dtype, "dim": self._dim, "n": len(self.video_ids), "complete": True}
         (self.tmp_dir / "meta.json").write_text(json.dumps(meta, indent=1))
+        (self.tmp_dir / OWNER_FILE).unlink()
         try:
             os.rename(self.tmp_dir, self.final_dir)
         except OSError:  # another process finished the same cache first: keep theirs

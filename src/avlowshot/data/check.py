@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from avlowshot.data.benchmark import iter_samples, read_class_lists, read_class_table
+from avlowshot.data.classes import class_list_notes
 from avlowshot.data.layouts import check_dataset, declared_spec, get_layout
 from avlowshot.data.splits import SHOT_CHOICES, Protocol, avdiff_protocol, derive_gfsl, gzsl_protocol
 from avlowshot.data.store import FeatureStore, Modality
@@ -23,6 +24,7 @@ class CheckReport:
     n_classes: int
     folders: list[tuple[str, int, int, int]]  # folder, classes, videos, feature rows (audio)
     protocol: Protocol
+    notes: list[str] = field(default_factory=list)  # what was read leniently (CRLF, spaces, video order)
 
 
 def check_root(layout: str, root_dir: str | Path, dataset: str, shots: int | None = None, progress=None) -> CheckReport:
@@ -42,7 +44,9 @@ def check_root(layout: str, root_dir: str | Path, dataset: str, shots: int | Non
     lists = read_class_lists(spec, root, classes, folder_shots)
     labels, folder, vids, rows = [], [], [], {f: [0, 0, 0] for f in spec.folders}
     per_class_shots: dict[str, dict[int, int]] = {}
-    for i, (fold, cid, ids, audio, _video) in enumerate(iter_samples(spec, root, classes, folder_shots)):
+    reordered: list[Path] = []
+    samples = iter_samples(spec, root, classes, folder_shots, reordered)
+    for i, (fold, cid, ids, audio, _video) in enumerate(samples):
         labels.append(np.full(len(ids), cid))
         folder.append(np.full(len(ids), spec.folders.index(fold)))
         vids += ids
@@ -81,4 +85,12 @@ def check_root(layout: str, root_dir: str | Path, dataset: str, shots: int | Non
         if shots is not None:
             protocol = derive_gfsl(store, protocol, shots)
     folders = [(f, *rows[f]) for f in spec.folders]
-    return CheckReport(spec.name, dataset, root, len(classes), folders, protocol)
+    notes = class_list_notes(root / "class-split" / "all_class.txt")
+    for f in lists.files.values():
+        notes += class_list_notes(f)
+    if reordered:
+        notes.append(
+            f"{len(reordered)} video file(s) list the same videos as their audio file in another order; audio and "
+            f"video are paired by video id (e.g. {reordered[0]})"
+        )
+    return CheckReport(spec.name, dataset, root, len(classes), folders, protocol, notes)

@@ -36,7 +36,30 @@ def read_class_list(path: Path, *, sort: bool = True) -> list[str]:
     names = [line.strip() for line in lines if line.strip()]
     if not names:
         raise DataError("class list is empty", path=path, fix="every split file lists at least one class")
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise DataError(
+                f"class '{name}' is listed twice", path=path, key=name, fix="list every class once (delete one line)"
+            )
+        seen.add(name)
     return sorted(names) if sort else names
+
+
+def class_list_notes(path: Path) -> list[str]:
+    """What ``read_class_list`` tidied up in a class list (CRLF line ends, spaces around names), for reports."""
+    try:
+        raw = path.read_bytes()
+    except OSError:
+        return []
+    notes = []
+    if b"\r\n" in raw:
+        notes.append(f"{path}: CRLF line ends, read as plain line ends")
+    lines = raw.replace(b"\r\n", b"\n").split(b"\n")
+    padded = sum(1 for line in lines if line.strip() and line != line.strip())
+    if padded:
+        notes.append(f"{path}: spaces around {padded} class name(s) stripped")
+    return notes
 
 
 def read_name_map(path: Path, key_column: str = "manual") -> dict[str, str]:
@@ -65,7 +88,16 @@ class ClassTable:
     _index: dict[str, int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self._index = {self._fold(n): i for i, n in enumerate(self.names)}
+        self._index = {}
+        for i, n in enumerate(self.names):
+            other = self._index.setdefault(self._fold(n), i)
+            if other != i:  # e.g. 'HandstandPushups' and 'HandStandPushups' in a case-insensitive dataset
+                raise DataError(
+                    f"classes '{self.names[other]}' and '{n}' differ only in case, which this dataset ignores",
+                    path=self.source or None,
+                    key=n,
+                    fix="list every class once in all_class.txt",
+                )
 
     def _fold(self, name: str) -> str:
         return name.lower() if self.case_insensitive else name

@@ -52,6 +52,21 @@ GFSL_CLASS_LISTS = (
     "stage_2_test_seen",
     "stage_2_test_unseen",
 )
+# Class lists that must not share a class: a class seen in training cannot be unseen at validation or test.
+GZSL_DISJOINT = (
+    ("stage_1_train", "stage_1_val_unseen"),
+    ("stage_1_val_seen", "stage_1_val_unseen"),
+    ("stage_2_train", "stage_2_test_unseen"),
+    ("stage_2_test_seen", "stage_2_test_unseen"),
+)
+GFSL_DISJOINT = (
+    ("stage_1_base_train", "stage_1_novel_train"),
+    ("stage_1_base_train", "stage_1_val_unseen"),
+    ("stage_1_val_seen", "stage_1_val_unseen"),
+    ("stage_2_base_train", "stage_2_novel_train"),
+    ("stage_2_base_train", "stage_2_test_unseen"),
+    ("stage_2_test_seen", "stage_2_test_unseen"),
+)
 GFSL_FOLDERS = (
     "stage_1_train_base",
     "stage_1_train_novel",
@@ -133,6 +148,10 @@ class LayoutSpec:
     @property
     def class_lists(self) -> tuple[str, ...]:
         return GFSL_CLASS_LISTS if self.task == "gfsl" else GZSL_CLASS_LISTS
+
+    @property
+    def disjoint_lists(self) -> tuple[tuple[str, str], ...]:
+        return GFSL_DISJOINT if self.task == "gfsl" else GZSL_DISJOINT
 
     @property
     def text_dim(self) -> int:
@@ -254,10 +273,70 @@ class ClassFile:
     video_ids: list[str]
 
 
-def _decode_id(value) -> str:
-    if isinstance(value, bytes | np.bytes_):
-        return bytes(value).decode("utf-8")
-    return str(value)
+def _decode_ids(values, path: Path, key: str) -> list[str]:
+    """Video ids as text: each a str or UTF-8 bytes (anything else is refused, not ``str()``-ed into an id)."""
+    if isinstance(values, str | bytes) or not isinstance(values, list | tuple | np.ndarray):
+        raise DataError(
+            f"'{key}' is a {type(values).__name__}, expected a list of video ids (strings or bytes)",
+            path=path,
+            key=key,
+            fix="re-extract this class file",
+        )
+    out = []
+    for i, value in enumerate(values):
+        if isinstance(value, bytes | np.bytes_):
+            try:
+                out.append(bytes(value).decode("utf-8"))
+            except UnicodeDecodeError:
+                raise DataError(
+                    f"video id {bytes(value)!r} is not UTF-8 text",
+                    path=path,
+                    key=f"{key}[{i}]",
+                    fix="video ids must be UTF-8; rename the video and re-extract this class file",
+                ) from None
+        elif isinstance(value, str):
+            out.append(str(value))
+        else:
+            raise DataError(
+                f"video id is a {type(value).__name__} ({value!r}), expected a string or bytes",
+                path=path,
+                key=f"{key}[{i}]",
+                fix="re-extract this class file",
+            )
+    return out
+
+
+# Feature files never declare more than this many bytes per byte stored (compressed float features reach ~10x); an
+# uncompressed dataset must store all of its declared bytes. Beyond that the header lies (truncated or never written).
+H5_MAX_COMPRESSION = 1000
+
+
+def _check_h5_extent(dset, path: Path) -> None:
+    """Refuse a dataset whose declared size the file cannot hold, from the header, before allocating anything."""
+    if dset.dtype.kind not in "fiu":
+        raise DataError(f"'data' has dtype {dset.dtype}, expected numbers", path=path, key="data")
+    if len(dset.shape) != 2:
+        raise DataError(f"'data' has shape {dset.shape}, expected [n_videos, dim]", path=path, key="data")
+    declared = int(np.prod(dset.shape, dtype=object)) * dset.dtype.itemsize
+    stored = int(dset.id.get_storage_size())
+    filtered = dset.id.get_create_plist().get_nfilters() > 0
+    room = stored * H5_MAX_COMPRESSION if filtered else min(stored, path.stat().st_size)
+    if declared > room:
+        raise DataError(
+            f"'data' declares shape {dset.shape} {dset.dtype} ({_size(declared)}) but the file stores only "
+            f"{_size(stored)} of it; not read",
+            path=path,
+            key="data",
+            fix="the file is truncated or was never fully written; re-download or re-extract it",
+        )
+
+
+def _size(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
 
 
 def read_class_file(spec: LayoutSpec, path: Path) -> ClassFile:
@@ -277,16 +356,18 @@ def _read_h5(path: Path) -> ClassFile:
                         key=key,
                         fix="AVCA feature files hold 'data' [N, D] and 'video_urls' [N]",
                     )
+            _check_h5_extent(fh["data"], path)
             data = fh["data"][()]
-            urls = [_decode_id(u) for u in fh["video_urls"][()]]
+            urls = fh["video_urls"][()]
     except FileNotFoundError:
         raise DataError("file not found", path=path) from None
     except DataError:
         raise
-    except (OSError, KeyError, ValueError, TypeError) as exc:
+    except (OSError, KeyError, ValueError, TypeError, MemoryError) as exc:
         raise DataError(f"truncated or corrupt HDF5 file ({exc})", path=path, fix="re-download this file") from None
-    if data.ndim != 2:
-        raise DataError(f"'data' has shape {data.shape}, expected [n_videos, dim]", path=path, key="data")
+    if getattr(urls, "ndim", 1) != 1:
+        raise DataError(f"'video_urls' has shape {urls.shape}, expected [n_videos]", path=path, key="video_urls")
+    urls = _decode_ids(urls, path, "video_urls")
     if len(urls) != len(data):
         raise DataError(f"{len(data)} rows of 'data' but {len(urls)} 'video_urls'", path=path, key="video_urls")
     return ClassFile(data, urls)
@@ -304,13 +385,23 @@ def _read_pkl(path: Path) -> ClassFile:
                 key=key,
                 fix="feature pickles hold {'features': [...], 'video_names': [...], 'fps': [...]}",
             )
-    feats, names = obj["features"], obj["video_names"]
+    feats = obj["features"]
+    if not isinstance(feats, list | tuple | np.ndarray) or (isinstance(feats, np.ndarray) and feats.ndim == 0):
+        raise DataError(
+            f"'features' is a {type(feats).__name__}, expected a list of numpy arrays (one per video)",
+            path=path,
+            key="features",
+            fix="re-extract this class file",
+        )
+    names = _decode_ids(obj["video_names"], path, "video_names")
     if len(feats) != len(names):
         raise DataError(f"{len(feats)} 'features' but {len(names)} 'video_names'", path=path, key="video_names")
     for i, f in enumerate(feats):
         if not isinstance(f, np.ndarray):
-            raise DataError(f"features[{i}] is a {type(f).__name__}, not a numpy array", path=path, key="features")
-    return ClassFile(list(feats), [_decode_id(n) for n in names])
+            raise DataError(
+                f"features[{i}] is a {type(f).__name__}, not a numpy array", path=path, key=f"features[{i}]"
+            )
+    return ClassFile(list(feats), names)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ derived from a GZSL split with ``derive_gfsl`` (see its docstring for the docume
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -73,49 +74,69 @@ def _restrict(store: FeatureStore, indices: np.ndarray, classes: np.ndarray) -> 
     return indices[keep]
 
 
-def _check_nonempty(store: FeatureStore, indices: np.ndarray, classes: np.ndarray, split: str) -> None:
+class ClassLists(dict):
+    """Class ids of each ``class-split/<family>/<name>.txt`` by name; ``files`` and ``features`` say where the lists
+    and the feature folders are, for messages."""
+
+    def __init__(self, lists: dict[str, np.ndarray], files: dict[str, Path] | None = None, features=None):
+        super().__init__(lists)
+        self.files = files or {}
+        self.features = features  # the layout's features/<dir> folder, or None
+
+
+def _check_nonempty(store: FeatureStore, indices, classes, split: str, folders, lists=None, sources=()) -> None:
     present = set(np.unique(store.labels.numpy()[indices]).tolist())
     missing = [int(c) for c in classes if int(c) not in present]
-    if missing:
-        names = ", ".join(store.classes.names[c] for c in missing[:5])
-        raise DataError(
-            f"{len(missing)} class(es) listed for {split} have no videos: {names}",
-            key=split,
-            fix="add the feature files of these classes or remove them from the class-split txt",
-        )
+    if not missing:
+        return
+    names = ", ".join(store.classes.names[c] for c in missing[:5])
+    source = next((s for s in sources if lists is not None and missing[0] in set(lists[s].tolist())), None)
+    files = getattr(lists, "files", {})
+    where = files.get(source) if source else None
+    feats = getattr(lists, "features", None)
+    folder_list = ", ".join(folders)
+    listed = f"{source}.txt" if source else f"the class lists of {split}"
+    on_disk = f"{feats}/{{audio,video}}/<folder>/" if feats is not None else "features/.../{audio,video}/<folder>/"
+    raise DataError(
+        f"{len(missing)} class(es) listed in {listed} have no feature files in the folder(s) {split} reads "
+        f"({folder_list}): {names}",
+        path=where,
+        key=store.classes.names[missing[0]],
+        fix=f"add their files to {on_disk} or remove them from {listed}",
+    )
 
 
-def _train(store, name, folders, classes) -> TrainSplit:
+def _train(store, name, folders, classes, lists=None, sources=()) -> TrainSplit:
     idx = _restrict(store, store.in_folders(*folders), classes)
-    _check_nonempty(store, idx, classes, name)
+    _check_nonempty(store, idx, classes, name, folders, lists, sources)
     return TrainSplit(name, idx, np.sort(classes))
 
 
-def _eval(store, name, folders, seen, unseen) -> EvalSplit:
+def _eval(store, name, folders, seen, unseen, lists=None, sources=()) -> EvalSplit:
     idx = _restrict(store, store.in_folders(*folders), np.union1d(seen, unseen))
-    _check_nonempty(store, idx, np.union1d(seen, unseen), name)
+    _check_nonempty(store, idx, np.union1d(seen, unseen), name, folders, lists, sources)
     return EvalSplit(name, idx, np.sort(seen), np.sort(unseen))
 
 
 def gzsl_protocol(store: FeatureStore, lists: dict[str, np.ndarray]) -> Protocol:
     """``lists``: class ids of each ``class-split/<family>/stage_*.txt``."""
     s1 = ("stage_1_train", "stage_1_val_seen", "stage_1_val_unseen")
+    L = lists
+    val_lists = ("stage_1_val_seen", "stage_1_val_unseen")
+    test_lists = ("stage_2_test_seen", "stage_2_test_unseen")
     return Protocol(
         task="gzsl",
-        stage1_train=_train(store, "stage_1_train", ["stage_1_train"], lists["stage_1_train"]),
-        stage1_val=_eval(store, "stage_1_val", s1[1:], lists["stage_1_val_seen"], lists["stage_1_val_unseen"]),
+        stage1_train=_train(store, "stage_1_train", ["stage_1_train"], L["stage_1_train"], L, ["stage_1_train"]),
+        stage1_val=_eval(store, "stage_1_val", s1[1:], *(L[n] for n in val_lists), L, val_lists),
         stage2_train=_train(
-            store, "stage_2_train", s1, np.union1d(lists["stage_1_train"], lists["stage_1_val_unseen"])
+            store,
+            "stage_2_train",
+            s1,
+            np.union1d(L["stage_1_train"], L["stage_1_val_unseen"]),
+            L,
+            ["stage_1_train", "stage_1_val_unseen"],
         ),
-        stage2_test=[
-            _eval(
-                store,
-                "stage_2_test",
-                ["stage_2_test_seen", "stage_2_test_unseen"],
-                lists["stage_2_test_seen"],
-                lists["stage_2_test_unseen"],
-            )
-        ],
+        stage2_test=[_eval(store, "stage_2_test", test_lists, *(L[n] for n in test_lists), L, test_lists)],
     )
 
 
@@ -124,26 +145,38 @@ AVDIFF_REPEAT_SUFFIXES = ("", "_1", "_2")
 
 def avdiff_protocol(store: FeatureStore, lists: dict[str, np.ndarray], shots: int) -> Protocol:
     """GFSL as the avdiff layout defines it (``class-split/<k>-shot/*.txt`` + its 11 feature folders)."""
-    base1, novel1 = lists["stage_1_base_train"], lists["stage_1_novel_train"]
+    L = lists
+    base1, novel1 = L["stage_1_base_train"], L["stage_1_novel_train"]
     s1 = ("stage_1_train_base", "stage_1_train_novel", "stage_1_val_seen", "stage_1_val_novel")
-    n2 = lists["stage_2_novel_train"]
+    n2 = L["stage_2_novel_train"]
+    val_lists = ("stage_1_val_seen", "stage_1_val_unseen")
+    test_lists = ("stage_2_test_seen", "stage_2_test_unseen")
     return Protocol(
         task="gfsl",
         shots=shots,
-        stage1_train=_train(store, "stage_1_train_base", ["stage_1_train_base"], base1),
-        stage1_novel=_train(store, "stage_1_train_novel", ["stage_1_train_novel"], novel1),
-        stage1_val=_eval(store, "stage_1_val", s1[2:], lists["stage_1_val_seen"], lists["stage_1_val_unseen"]),
-        stage2_train=_train(store, "stage_2_train_base", s1, np.union1d(base1, lists["stage_1_val_unseen"])),
+        stage1_train=_train(store, "stage_1_train_base", ["stage_1_train_base"], base1, L, ["stage_1_base_train"]),
+        stage1_novel=_train(store, "stage_1_train_novel", ["stage_1_train_novel"], novel1, L, ["stage_1_novel_train"]),
+        stage1_val=_eval(store, "stage_1_val", s1[2:], *(L[n] for n in val_lists), L, val_lists),
+        stage2_train=_train(
+            store,
+            "stage_2_train_base",
+            s1,
+            np.union1d(base1, L["stage_1_val_unseen"]),
+            L,
+            ["stage_1_base_train", "stage_1_val_unseen"],
+        ),
         stage2_novel=[
-            _train(store, f"stage_2_train_novel{r}", [f"stage_2_train_novel{r}"], n2) for r in AVDIFF_REPEAT_SUFFIXES
+            _train(store, f"stage_2_train_novel{r}", [f"stage_2_train_novel{r}"], n2, L, ["stage_2_novel_train"])
+            for r in AVDIFF_REPEAT_SUFFIXES
         ],
         stage2_test=[
             _eval(
                 store,
                 f"stage_2_test{r}",
                 ["stage_2_test_seen", f"stage_2_test_novel{r}"],
-                lists["stage_2_test_seen"],
-                lists["stage_2_test_unseen"],
+                *(L[n] for n in test_lists),
+                L,
+                test_lists,
             )
             for r in AVDIFF_REPEAT_SUFFIXES
         ],

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from avlowshot.errors import ConfigError
 
@@ -104,6 +104,15 @@ class RunConfig(BaseModel):
     )
     compile: bool = Field(False, description="torch.compile the method's loss and encoders (dynamic shapes)")
     model: dict[str, Any] = Field(default_factory=dict, description="method-specific, validated by its schema")
+
+    @field_validator("beta_grid")
+    @classmethod
+    def _known_grid(cls, value: str) -> str:
+        from avlowshot.eval.metrics import BETA_GRIDS
+
+        if value not in BETA_GRIDS:
+            raise ValueError(f"not a known grid (known: {', '.join(sorted(BETA_GRIDS))})")
+        return value
 
 
 TOP_LEVEL_KEYS = tuple(RunConfig.model_fields)

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from avlowshot import __version__
-from avlowshot.errors import AvlowshotError, ConfigError
+from avlowshot.errors import AvlowshotError, CheckpointError, ConfigError
 from avlowshot.eval import metrics
 from avlowshot.train import checkpoint as ckpt
 from avlowshot.train.config import COMPAT_MODES, RunConfig, config_diff, dump_config, read_yaml, validate_config
@@ -63,6 +63,7 @@ PARTS = ("all", "stage-1", "stage-2", "eval")
 RUN_FILE = "run.json"
 CONFIG_FILE = "config.yaml"
 RESULT_FILE = "result.json"
+RUN_FIELDS = ("method", "layout", "dataset", "root_dir", "shots", "seed", "compat")
 GZSL_KEYS = ("seen", "unseen", "hm", "zsl")
 GFSL_KEYS = ("base", "novel", "hm", "fsl")
 
@@ -245,7 +246,7 @@ def _read_json(path: Path) -> dict[str, Any]:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise AvlowshotError(f"{path}: not found") from None
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AvlowshotError(f"{path}: unreadable ({exc})") from None
 
 
@@ -253,7 +254,15 @@ def read_summary(stage_dir: Path) -> StageOutcome | None:
     f = stage_dir / "summary.json"
     if not f.is_file():
         return None
-    s = StageOutcome.from_json(_read_json(f))
+    fix = f"delete {f} and run the same `avlowshot run` command with --resume (it is rewritten from the checkpoints)"
+    data = _read_json(f)
+    try:
+        s = StageOutcome.from_json(data)
+    except (KeyError, TypeError, AttributeError) as exc:
+        what = f"lacks the field {exc}" if isinstance(exc, KeyError) else "is not a stage summary"
+        raise CheckpointError(what, path=f, fix=fix) from None
+    if not isinstance(s.checkpoint_last, str) or not isinstance(s.best_epoch, int | None):
+        raise CheckpointError("has a malformed 'checkpoint_last' or 'best_epoch'", path=f, fix=fix)
     return s if s.finished else None
 
 
@@ -272,6 +281,14 @@ def load_run_info(run_dir: str | Path) -> tuple[dict[str, Any], RunConfig]:
             f"pass the folder <log-dir>/<method>_<dataset>_<layout>..._seed<N>)"
         )
     info = _read_json(info_file)
+    missing = [k for k in RUN_FIELDS if not isinstance(info, dict) or k not in info]
+    if missing:
+        raise CheckpointError(
+            f"lacks the field(s) {', '.join(missing)}",
+            path=info_file,
+            fix=f"restore {RUN_FILE} (it is written once, when the run starts) or start the run again in another "
+            "--log-dir",
+        )
     cfg = validate_config(read_yaml(cfg_file), source=str(cfg_file))
     return info, cfg
 
@@ -291,11 +308,10 @@ def _prepare_run_dir(spec: RunSpec, parts: str, resume: bool) -> dict[str, Any]:
     }
     have_info = (run_dir / RUN_FILE).is_file()
     if have_info:
-        old = _read_json(run_dir / RUN_FILE)
+        old, old_cfg = load_run_info(run_dir)
         for key in ("method", "layout", "dataset", "shots", "seed", "compat"):
             if old.get(key) != info[key]:
                 raise ConfigError(f"{run_dir / RUN_FILE}: '{key}' is {old.get(key)!r}, this run has {info[key]!r}")
-        old_cfg = validate_config(read_yaml(run_dir / CONFIG_FILE), source=str(run_dir / CONFIG_FILE))
         diff = config_diff(old_cfg, spec.cfg)
         if diff:
             raise ConfigError(
@@ -314,11 +330,20 @@ def _prepare_run_dir(spec: RunSpec, parts: str, resume: bool) -> dict[str, Any]:
                 f"{run_dir}: the run directory already holds {', '.join(busy)}; pass --resume to continue it, "
                 f"--run eval to re-evaluate it, or choose another --log-dir"
             )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not have_info:
-        ckpt.atomic_write_text(run_dir / CONFIG_FILE, dump_config(spec.cfg))
-        ckpt.atomic_write_json(run_dir / RUN_FILE, {**info, "created": _now()})
     return info
+
+
+def _init_run_dir(spec: RunSpec, info: dict[str, Any]) -> None:
+    """Write run.json and config.yaml of a new run directory; clean up an existing one after a kill. Called once the
+    data has loaded, so bad data leaves no run directory behind."""
+    run_dir = spec.run_dir
+    if (run_dir / RUN_FILE).is_file():
+        for p in ckpt.remove_leftovers(run_dir):
+            log.info("removed %s, left by an interrupted write", p)
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt.atomic_write_text(run_dir / CONFIG_FILE, dump_config(spec.cfg))
+    ckpt.atomic_write_json(run_dir / RUN_FILE, {**info, "created": _now()})
 
 
 def _now() -> str:
@@ -336,13 +361,13 @@ def _substage_trainer(ctx: RunContext, stage: int, repeat: int, index: int, sub,
     c = None
     if init is not None:
         c = ckpt.load_checkpoint(init[0] / init[1])
-        method.load_state_dict({k: v.to(ctx.device) for k, v in c.model_state().items()})
+        c.load_model(method, ctx.device)
     method.enter_substage(sub.name)
     name = f"stage-{stage}/" + (sub.name if out.name == sub.name else out.name)
     # distinct sampling streams per substage: repeat code 100 * substage index + repeat
     trainer = ctx.trainer(method, out, name, stage=stage, repeat=100 * index + repeat, substage=sub)
     if c is not None and not sub.reset_optimizer:
-        trainer.optimizer.load_state_dict(c.train_state()["optimizer"])
+        c.load_optimizer(trainer.optimizer, c.train_state()["optimizer"])
     if novel_idx is not None:
         trainer.novel_text = method.stream_text(ctx.text, ctx.store.labels.numpy()[novel_idx])
     return trainer
@@ -505,7 +530,7 @@ def run_stage2(
 def _load_model(ctx: RunContext, stage_dir: Path, rel: str, stage: int = 2):
     c = ckpt.load_checkpoint(stage_dir / rel)
     method = ctx.build(stage)
-    method.load_state_dict({k: v.to(ctx.device) for k, v in c.model_state().items()})
+    c.load_model(method, ctx.device)
     method.eval()
     return method
 
@@ -734,6 +759,7 @@ def run(
     ctx = RunContext(
         info, spec.cfg, spec.device, spec.progress, cache_dir=spec.cache_dir, rebuild_cache=spec.rebuild_cache
     )
+    _init_run_dir(spec, info)
     run_dir = spec.run_dir
     log.info("run directory %s", run_dir)
     if parts in ("all", "stage-1"):
@@ -772,6 +798,7 @@ def evaluate_run(
     ctx = RunContext(info, cfg, device, cache_dir=cache_dir if cache_dir is not None else info.get("cache_dir"))
     result = build_result(ctx, run_dir, evaluate_stages(ctx, run_dir))
     if write:
+        ckpt.remove_leftovers(run_dir)
         write_result(run_dir, result)
     return result
 

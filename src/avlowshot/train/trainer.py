@@ -364,14 +364,11 @@ class Trainer:
     def _restore(self) -> tuple[int, dict[str, Any]]:
         last = ckpt.list_checkpoints(self.checkpoints)[-1]
         c = ckpt.load_checkpoint(ckpt.epoch_dir(self.checkpoints, last))
-        self.method.load_state_dict({k: v.to(self.device) for k, v in c.model_state().items()})
-        state = c.train_state()
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None and state.get("scheduler") is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
-        ckpt.set_rng_state(state["rng"])
+        book = c.trainer_book()
+        c.load_model(self.method, self.device)
+        c.restore_training(self.optimizer, self.scheduler)
         log.info("%s: resuming after epoch %d (%s)", self.name, last + 1, c.path)
-        return last + 1, c.meta["trainer"]
+        return last + 1, book
 
     # ------------------------------------------------------------------------------------------------------------
 
