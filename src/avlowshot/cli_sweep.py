@@ -73,7 +73,8 @@ def register(app: typer.Typer) -> None:
                     extra = f"  [{req.row}]" if req.row else ""
                     console.print(f"{state.split(':')[0]:<9} {req.run_id}{extra}", highlight=False, soft_wrap=True)
                     if state.startswith("fails"):
-                        console.print(f"          {state[len('fails: ') :]}", highlight=False, soft_wrap=True)
+                        for line in state[len("fails: ") :].splitlines():
+                            console.print(f"          {line.strip()}", highlight=False, soft_wrap=True)
                 counts = {k: sum(1 for _, s in states if s.split(":")[0] == k) for k in ("finished", "resume", "new")}
                 counts["fails"] = len(states) - sum(counts.values())
                 console.print(
@@ -115,8 +116,9 @@ def register(app: typer.Typer) -> None:
         root_dir: Path = typer.Option(..., help="The dataset root."),
         log_dir: Path = typer.Option(..., help="Folder of the trials' stage-1 run directories."),
         space: list[str] = typer.Option(
-            ..., help="KEY=KIND:ARGS, e.g. lr=loguniform:1e-4:1e-2, model.embedding_dropout=uniform:0:0.5, "
-            "batch_size=choice:64,128,256, epochs=randint:5:20 (repeatable)."
+            ...,
+            help="KEY=KIND:ARGS, e.g. lr=loguniform:1e-4:1e-2, model.embedding_dropout=uniform:0:0.5, "
+            "batch_size=choice:64,128,256, epochs=randint:5:20 (repeatable).",
         ),  # fmt: skip
         out: Path = typer.Option(..., help="Where to write the best config (a YAML for run --config)."),
         config: Path = typer.Option(None, help="Start from this config (default: the shipped one)."),

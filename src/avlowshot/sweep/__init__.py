@@ -83,12 +83,12 @@ def dry_run(requests: list[RunRequest]) -> list[tuple[RunRequest, str]]:
     out = []
     for r in requests:
         if r.error is not None:
-            out.append((r, "fails: " + r.error.strip().splitlines()[0]))
+            out.append((r, "fails: " + r.error.strip()))
             continue
         try:
             out.append((r, finished_state(r)))
         except ConfigError as exc:
-            out.append((r, "fails: " + str(exc).splitlines()[0]))
+            out.append((r, "fails: " + str(exc).strip()))
     return out
 
 
@@ -101,6 +101,7 @@ def sweep(
     num_gpus: int | None = None,
     progress: bool = False,
     on_update: Callable[[Progress], None] | None = None,
+    poll_seconds: float = 0.5,
     **plan_kw,
 ) -> SweepSummary:
     """Plan and run a sweep (see :func:`plan` for the grid arguments); Ray by default (``executor="serial"`` runs
@@ -108,5 +109,5 @@ def sweep(
     requests = plan(grid, **plan_kw)
     return run_sweep(
         requests, executor=executor, address=address, num_cpus=num_cpus, num_gpus=num_gpus, show_progress=progress,
-        on_update=on_update,
+        on_update=on_update, poll_seconds=poll_seconds,
     )  # fmt: skip

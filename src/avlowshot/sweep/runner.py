@@ -114,6 +114,7 @@ def execute_run(req_dict: dict[str, Any]) -> dict[str, Any]:
     from avlowshot.train import protocol
     from avlowshot.train.config import validate_config
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(max(1, int(req.cpus)))
     progress = {"stage": None, "epoch": None}
     _write_status(req, "running", resumed=state == "resume", **progress)
@@ -160,6 +161,7 @@ def execute_run(req_dict: dict[str, Any]) -> dict[str, Any]:
         logger.removeHandler(handler)
         logger.setLevel(old_level)
         handler.close()
+        torch.set_num_threads(threads)
     return _write_status(req, "done", skipped=False, metrics=_metrics_summary(result), seconds=time.time() - t0)
 
 
