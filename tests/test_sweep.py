@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -200,3 +201,27 @@ def _split_gzsl(candidates, want):
     """GZSL tables ship HM and ZSL of a row as one row of 6; the specs hold them in two tables of 3."""
     rows = [[f"{float(c.strip('*')):.2f}" for c in cand] for cand in candidates if len(cand) == 3]
     return any(a + b == want for a in rows for b in rows)
+
+
+def test_plots_render(uninterrupted, tmp_path):
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    log_dir, _ = uninterrupted
+    run_dir = log_dir / "avca_UCF_avca-cls_seed1"
+    res = runner.invoke(app, ["plot", str(run_dir), "--out", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    sizes = {"beta": (800, 500), "training": (1000, 580), "per-class": (800, 500), "tsne": (700, 700)}
+    for stem, size in sizes.items():
+        png, pdf = tmp_path / "run" / f"{stem}.png", tmp_path / "run" / f"{stem}.pdf"
+        with Image.open(png) as im:
+            assert im.size == size, stem
+            pixels = np.asarray(im.convert("L"))
+        assert pixels.std() > 5, f"{stem}.png is blank"  # something was drawn
+        assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 2000
+
+    res = runner.invoke(app, ["plot", str(log_dir), "--out", str(tmp_path / "all"), "--table", "avca-cls", "--no-runs"])
+    assert res.exit_code == 0, res.output
+    with Image.open(tmp_path / "all" / "table-avca-cls.png") as im:
+        assert im.size[1] == 500 and im.size[0] >= 600
+    assert not list((tmp_path / "all").rglob("beta.png"))  # --no-runs: the table only

@@ -162,13 +162,16 @@ def register(app: typer.Typer) -> None:
         root_dir: Path = typer.Option(None, help="Dataset root, if it moved (t-SNE reads the test features)."),
         cache_dir: Path = typer.Option(None, help="Feature cache folder."),
         tsne: bool = typer.Option(True, help="Draw the t-SNE map (loads the model and the test features)."),
+        runs: bool = typer.Option(True, help="With a log dir: the plots of every run (--no-runs: tables only)."),
     ) -> None:
         """Write PNG and PDF plots: val HM/seen/unseen against beta, training curves, per-class test accuracy,
         t-SNE of sample and class codes; for a table, ours against published."""
         from avlowshot.eval import plots
 
         try:
-            files = plots.plot_path(path, out=out, table=table, root_dir=root_dir, cache_dir=cache_dir, tsne=tsne)
+            files = plots.plot_path(
+                path, out=out, table=table, root_dir=root_dir, cache_dir=cache_dir, tsne=tsne, runs=runs
+            )
         except AvlowshotError as exc:
             raise fail(exc) from None
         except ImportError as exc:
