@@ -225,3 +225,31 @@ def test_plots_render(uninterrupted, tmp_path):
     with Image.open(tmp_path / "all" / "table-avca-cls.png") as im:
         assert im.size[1] == 500 and im.size[0] >= 600
     assert not list((tmp_path / "all").rglob("beta.png"))  # --no-runs: the table only
+
+
+def test_tune_searches_on_stage1_validation_and_writes_a_run_config(local_ray, synth_root, tmp_path):
+    pytest.importorskip("optuna")
+    from avlowshot.errors import ConfigError
+    from avlowshot.sweep.tune import tune
+    from avlowshot.train.config import load_config
+
+    root = synth_root("avca-cls", "UCF", scale=0.03)
+    kw = dict(method="avca", layout="avca-cls", dataset="UCF", root_dir=root, log_dir=tmp_path / "tune",
+              out=tmp_path / "best.yaml", sets=TINY + SMALL_AVCA, cache_dir=tmp_path / "cache")  # fmt: skip
+    with pytest.raises(ConfigError, match="model.nope"):  # a bad key fails before Ray is asked for anything
+        tune(space=["model.nope=uniform:0:1"], **kw)
+    with pytest.raises(ConfigError, match="LOW < HIGH"):
+        tune(space=["lr=loguniform:1e-2:1e-4"], **kw)
+
+    best = tune(space=["lr=loguniform:1e-4:1e-2", "model.embedding_dropout=uniform:0:0.5"], num_samples=2, **kw)
+    assert len(best["trials"]) == 2 and best["val_hm"] == max(t["val_hm"] for t in best["trials"])
+    cfg = load_config(tmp_path / "best.yaml", method="avca", dataset="UCF", feature_set="cls")
+    assert cfg.lr == pytest.approx(best["params"]["lr"]) and cfg.epochs == 2 and cfg.n_batches == 4
+    assert cfg.model["embedding_dropout"] == pytest.approx(best["params"]["model.embedding_dropout"])
+    for t in best["trials"]:  # stage 1 only: no stage 2, no test, no result record
+        run_dir = Path(t["run_dir"])
+        assert (run_dir / "stage-1" / "history.json").is_file()
+        assert not (run_dir / "stage-2").exists() and not (run_dir / "result.json").exists()
+        hist = json.loads((run_dir / "stage-1" / "history.json").read_text())
+        assert t["val_hm"] == pytest.approx(100 * max(h["val"]["hm"] for h in hist))
+    assert json.loads((tmp_path / "tune" / "tune-results.json").read_text())["best"]["params"] == best["params"]

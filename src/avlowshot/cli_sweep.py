@@ -125,7 +125,8 @@ def register(app: typer.Typer) -> None:
         set_: list[str] = typer.Option([], "--set", help="Fixed overrides of every trial."),
         shots: int = typer.Option(None, help="GFSL shots."),
         num_samples: int = typer.Option(8, help="Trials."),
-        search: str = typer.Option("optuna", help="optuna (TPE) | random (with ASHA early stopping) | asha"),
+        search: str = typer.Option("optuna", help="optuna (TPE) | random"),
+        asha: bool = typer.Option(True, help="ASHA early stopping of weak trials (on the per-epoch val HM)."),
         seed: int = typer.Option(None, help="Seed of every trial (default: the config's)."),
         cpus: float = typer.Option(1, help="CPUs per trial."),
         gpus: float = typer.Option(0, help="GPU fraction per trial."),
@@ -140,8 +141,8 @@ def register(app: typer.Typer) -> None:
         try:
             best = tune(
                 method=method, layout=layout, dataset=dataset, root_dir=root_dir, log_dir=log_dir, space=space,
-                out=out, config=config, sets=set_, shots=shots, num_samples=num_samples, search=search, seed=seed,
-                cpus=cpus, gpus=gpus, device=device, cache_dir=cache_dir, address=address, num_cpus=num_cpus,
+                out=out, config=config, sets=set_, shots=shots, num_samples=num_samples, search=search, asha=asha,
+                seed=seed, cpus=cpus, gpus=gpus, device=device, cache_dir=cache_dir, address=address, num_cpus=num_cpus,
             )  # fmt: skip
         except AvlowshotError as exc:
             raise fail(exc) from None
