@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from avlowshot import sweep as sw
+import avlowshot
+from avlowshot import sweeps as sw
 from avlowshot.cli import app
-from avlowshot.sweep.runner import read_status
+from avlowshot.sweeps.runner import read_status
 
 ray = pytest.importorskip("ray")
 runner = CliRunner()
@@ -55,7 +56,7 @@ def grid(synth_root, tmp_path_factory):
 def uninterrupted(grid, tmp_path_factory):
     """The reference: the same grid run to the end without interruption (in this process)."""
     log_dir = tmp_path_factory.mktemp("whole")
-    summary = sw.sweep(grid, log_dir=log_dir, executor="serial", cache_dir=log_dir / "cache")
+    summary = avlowshot.sweep(grid, log_dir=log_dir, executor="serial", cache_dir=log_dir / "cache")
     return log_dir, summary
 
 
@@ -175,7 +176,7 @@ def test_tables_list_every_paper_table_and_unknown_methods_fail_per_run(tmp_path
 
 def test_published_numbers_are_those_of_the_specs():
     """Every shipped number equals specs/results.md (where ../shared exists)."""
-    from avlowshot.sweep.tables import get_table, table_names
+    from avlowshot.sweeps.tables import get_table, table_names
 
     results = Path(__file__).resolve().parents[2] / "shared" / "specs" / "results.md"
     if not results.is_file():
@@ -230,7 +231,7 @@ def test_plots_render(uninterrupted, tmp_path):
 def test_tune_searches_on_stage1_validation_and_writes_a_run_config(local_ray, synth_root, tmp_path):
     pytest.importorskip("optuna")
     from avlowshot.errors import ConfigError
-    from avlowshot.sweep.tune import tune
+    from avlowshot.sweeps.tune import tune
     from avlowshot.train.config import load_config
 
     root = synth_root("avca-cls", "UCF", scale=0.03)
@@ -253,3 +254,26 @@ def test_tune_searches_on_stage1_validation_and_writes_a_run_config(local_ray, s
         hist = json.loads((run_dir / "stage-1" / "history.json").read_text())
         assert t["val_hm"] == pytest.approx(100 * max(h["val"]["hm"] for h in hist))
     assert json.loads((tmp_path / "tune" / "tune-results.json").read_text())["best"]["params"] == best["params"]
+
+
+def test_python_api_run_and_load_results(synth_root, uninterrupted, tmp_path, one_thread):
+    pd = pytest.importorskip("pandas")
+    log_dir, _ = uninterrupted
+    # avlowshot.run writes the run directory a sweep writes, with the same numbers (one torch thread, as a run
+    # asking for one CPU gets)
+    rec = avlowshot.run("avca", "avca-cls", "UCF", root_dir=synth_root("avca-cls", "UCF", scale=0.03),
+                        log_dir=tmp_path, sets=TINY + SMALL_AVCA, seed=1, cache_dir=log_dir / "cache")  # fmt: skip
+    swept = json.loads((log_dir / "avca_UCF_avca-cls_seed1" / "result.json").read_text())
+    assert rec["run_dir"] == str(tmp_path / "avca_UCF_avca-cls_seed1")
+    assert {k: rec[k] for k in RESULT_KEYS} == {k: swept[k] for k in RESULT_KEYS} and rec["config"] == swept["config"]
+
+    runs = avlowshot.load_results(log_dir)
+    assert isinstance(runs, pd.DataFrame) and len(runs) == 4
+    assert set(runs["method"]) == {"avca", "clipclap"} and sorted(runs["seed"]) == [1, 1, 2, 2]
+    avca = runs[runs["method"] == "avca"].sort_values("seed")
+    assert list(avca["hm"]) == pytest.approx([json.loads((log_dir / p / "result.json").read_text())["metrics"]["hm"]
+                                              for p in avca["path"]])  # fmt: skip
+    groups = avlowshot.load_results(log_dir, by="seed")
+    assert len(groups) == 2 and list(groups["n"]) == [2, 2]
+    g = groups[groups["method"] == "avca"].iloc[0]
+    assert g["hm"] == pytest.approx(avca["hm"].mean()) and g["hm_std"] == pytest.approx(avca["hm"].std(ddof=1))

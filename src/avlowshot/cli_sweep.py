@@ -12,7 +12,7 @@ from avlowshot.errors import AvlowshotError, ConfigError
 
 
 def _ints(text: str | None) -> list[int] | None:
-    from avlowshot.sweep.grid import filter_values
+    from avlowshot.sweeps.grid import filter_values
 
     return filter_values(text, int)
 
@@ -45,8 +45,8 @@ def register(app: typer.Typer) -> None:
         dry_run: bool = typer.Option(False, help="Print the runs it would start and those already finished."),
     ) -> None:
         """Run a grid of runs on Ray; a sweep started again skips finished runs and resumes interrupted ones."""
-        from avlowshot import sweep as sw
-        from avlowshot.sweep.grid import filter_values, parse_roots
+        from avlowshot import sweeps as sw
+        from avlowshot.sweeps.grid import filter_values, parse_roots
 
         try:
             requests = sw.plan(
@@ -99,7 +99,7 @@ def register(app: typer.Typer) -> None:
     def tables_cmd(name: str = typer.Argument(None, help="One table (default: all).")) -> None:
         """List the named paper tables with their rows (method + config) and columns (dataset, features, shots,
         metric)."""
-        from avlowshot.sweep.tables import describe, get_table, table_names
+        from avlowshot.sweeps.tables import describe, get_table, table_names
 
         try:
             names = [name] if name else list(table_names())
@@ -136,7 +136,7 @@ def register(app: typer.Typer) -> None:
         num_cpus: int = typer.Option(None, help="CPUs of the local Ray instance."),
     ) -> None:
         """Search config values with Ray Tune on the stage-1 validation HM (never the test set); write the best."""
-        from avlowshot.sweep.tune import tune
+        from avlowshot.sweeps.tune import tune
 
         try:
             best = tune(

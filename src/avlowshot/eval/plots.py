@@ -242,7 +242,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, *, root_dir=Non
 def plot_table(name: str, records: list[dict[str, Any]], out_dir: Path, compat: str = "none") -> list[Path]:
     """Grouped bars, ours (mean +- std over seeds) against published, for the cells of ``name`` that have runs."""
     from avlowshot.eval.report import aggregate, table_cells
-    from avlowshot.sweep.tables import get_table
+    from avlowshot.sweeps.tables import get_table
 
     table = get_table(name)
     cells, _ = table_cells(table, aggregate(records), compat)
@@ -271,7 +271,7 @@ def plot_path(
     """``path`` a run directory (its plots) or a log dir (every run's unless ``runs=False``, and the paper tables
     that have runs, or only ``table``)."""
     from avlowshot.eval.report import load_records
-    from avlowshot.sweep.tables import table_names
+    from avlowshot.sweeps.tables import table_names
 
     path = Path(path)
     if (path / "result.json").is_file():

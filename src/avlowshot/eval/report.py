@@ -7,7 +7,7 @@ then show the std over the novel-shot repeats. GZSL rows show seen / unseen / HM
 HM / FSL. Each task gets its own table in markdown and LaTeX; csv is one flat table with every metric column (and
 ``*_std`` columns) so that it loads into a dataframe.
 
-``paper_table`` renders a named paper table (``avlowshot.sweep.tables``): each cell ours (mean +- std, n) beside
+``paper_table`` renders a named paper table (``avlowshot.sweeps.tables``): each cell ours (mean +- std, n) beside
 the published number and the difference; a cell without runs shows the published number alone.
 """
 
@@ -201,7 +201,7 @@ def render(records: list[dict[str, Any]], fmt: str = "markdown", ids: tuple[str,
 
 def group_key(rec: dict[str, Any]) -> tuple:
     """What must be equal for two runs to share a row: all but the seed."""
-    from avlowshot.sweep.grid import config_hash
+    from avlowshot.sweeps.grid import config_hash
 
     return (
         rec["task"], rec.get("method"), rec.get("variant"), rec.get("dataset"), rec.get("layout"),
@@ -255,7 +255,7 @@ def report(log_dir: str | Path, fmt: str = "markdown", by: str = "seed") -> str:
 
 
 def table_cells(table, groups: list[dict[str, Any]], compat: str = "none") -> tuple[list[list[dict]], list[str]]:
-    """For each row and column of ``table`` (a :class:`~avlowshot.sweep.tables.PaperTable`): ``ours`` (mean),
+    """For each row and column of ``table`` (a :class:`~avlowshot.sweeps.tables.PaperTable`): ``ours`` (mean),
     ``std``, ``n``, ``published``, ``diff``. A cell matches the seed groups of its row's method, variant and layout
     and its column's dataset and shots; of several (other configs), the one with the most seeds (then the newest)
     is shown and a note says so."""
@@ -309,7 +309,7 @@ def paper_table(
     name: str, log_dir: str | Path | None = None, fmt: str = "markdown", compat: str = "none", records=None
 ) -> str:
     """The named paper table with our runs below ``log_dir`` (or ``records``) beside the published numbers."""
-    from avlowshot.sweep.tables import get_table
+    from avlowshot.sweeps.tables import get_table
 
     if fmt not in FORMATS:
         raise AvlowshotError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")

@@ -128,7 +128,7 @@ def tune(
     num_cpus: int | None = None,
 ) -> dict[str, Any]:
     """Run the search; write the best config to ``out`` and ``<log-dir>/tune-results.json``; return the summary."""
-    from avlowshot.sweep.runner import _ray, init_ray
+    from avlowshot.sweeps.runner import _ray, init_ray
     from avlowshot.train import checkpoint as ckpt
     from avlowshot.train.config import dump_config
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from avlowshot.errors import AvlowshotError, ConfigError
-from avlowshot.sweep.grid import RunRequest
+from avlowshot.sweeps.grid import RunRequest
 from avlowshot.train import checkpoint as ckpt
 
 STATUS_DIR = "sweep-status"

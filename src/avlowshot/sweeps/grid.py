@@ -289,7 +289,7 @@ def table_requests(
     cache_dir: str | None = None,
 ) -> list[RunRequest]:
     """The runs of a named table, filtered (datasets, methods, shots, row labels or variants) and overridden."""
-    from avlowshot.sweep.tables import get_table
+    from avlowshot.sweeps.tables import get_table
 
     table = get_table(name)
     resources = resources or Resources()

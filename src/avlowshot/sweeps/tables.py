@@ -1,4 +1,4 @@
-"""The papers' tables as named grids, with their published numbers (package data, ``sweep/tables/<name>.yaml``).
+"""The papers' tables as named grids, with their published numbers (package data, ``sweeps/tables/<name>.yaml``).
 
 A table has columns (dataset, shots, metric; the feature set follows from the layout) and rows (a method and its
 config: layout, ``--set`` overrides, a variant name when the same method appears with another config). Each row
@@ -74,7 +74,7 @@ class PaperTable:
 
 
 def _package_dir():
-    return resources.files("avlowshot").joinpath("sweep", "tables")
+    return resources.files("avlowshot").joinpath("sweeps", "tables")
 
 
 @cache

@@ -11,8 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from avlowshot.errors import ConfigError
-from avlowshot.sweep.grid import Resources, RunRequest, grid_requests, prepare, table_requests
-from avlowshot.sweep.runner import Progress, SweepSummary, finished_state, run_sweep
+from avlowshot.sweeps.grid import Resources, RunRequest, grid_requests, prepare, table_requests
+from avlowshot.sweeps.runner import Progress, SweepSummary, finished_state, run_sweep
 
 __all__ = ["plan", "sweep", "dry_run", "RunRequest", "SweepSummary", "Progress"]
 
