@@ -18,7 +18,7 @@ from avlowshot.sweeps.runner import read_status
 ray = pytest.importorskip("ray")
 runner = CliRunner()
 
-TINY = ["epochs=2", "n_batches=4", "batch_size=32"]
+TINY = ["epochs=3", "n_batches=4", "batch_size=32"]
 SMALL_AVCA = ["model.embeddings_hidden_size=64", "model.decoder_hidden_size=64"]
 RESULT_KEYS = ("metrics", "beta", "best_epoch", "per_class", "per_class_zsl", "val", "lr_drops")
 
@@ -79,7 +79,7 @@ def test_killed_sweep_restarts_to_the_same_records(local_ray, grid, uninterrupte
     seen = []
 
     def kill_midway(progress):
-        # once a run has checkpointed an epoch, kill every run in flight (Ray force-cancels their workers)
+        # once a run has checkpointed its first epoch (of 3), kill every run in flight (Ray force-cancels the workers)
         seen.append(progress.counts())
         if any(d.get("state") == "running" and (d.get("epoch") or 0) >= 1 for d in progress.details.values()):
             raise KeyboardInterrupt
@@ -245,7 +245,7 @@ def test_tune_searches_on_stage1_validation_and_writes_a_run_config(local_ray, s
     best = tune(space=["lr=loguniform:1e-4:1e-2", "model.embedding_dropout=uniform:0:0.5"], num_samples=2, **kw)
     assert len(best["trials"]) == 2 and best["val_hm"] == max(t["val_hm"] for t in best["trials"])
     cfg = load_config(tmp_path / "best.yaml", method="avca", dataset="UCF", feature_set="cls")
-    assert cfg.lr == pytest.approx(best["params"]["lr"]) and cfg.epochs == 2 and cfg.n_batches == 4
+    assert cfg.lr == pytest.approx(best["params"]["lr"]) and cfg.epochs == 3 and cfg.n_batches == 4
     assert cfg.model["embedding_dropout"] == pytest.approx(best["params"]["model.embedding_dropout"])
     for t in best["trials"]:  # stage 1 only: no stage 2, no test, no result record
         run_dir = Path(t["run_dir"])

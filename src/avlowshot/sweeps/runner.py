@@ -320,6 +320,16 @@ def run_sweep(
     return SweepSummary([final[r.run_id] for r in requests])
 
 
+def _settled(req: RunRequest) -> bool:
+    """True when the run needs no worker: its config failed, it finished before, or its run dir conflicts."""
+    if req.error is not None:
+        return True
+    try:
+        return finished_state(req) == "finished"
+    except AvlowshotError:
+        return True
+
+
 def _run_on_ray(requests, progress, view, final, address, num_cpus, num_gpus, on_update, poll_seconds):
     ray = _ray()
     started = init_ray(address, num_cpus, num_gpus)
@@ -328,7 +338,7 @@ def _run_on_ray(requests, progress, view, final, address, num_cpus, num_gpus, on
     submitted: dict[str, float] = {}  # status files older than this are from an earlier sweep
     try:
         for req in requests:
-            if req.error is not None:  # nothing to run: record the failure here
+            if _settled(req):  # nothing to run (a recorded failure, or finished before): settle it here
                 final[req.run_id] = execute_run(req.to_dict())
                 progress.set(req.run_id, final[req.run_id])
                 continue
