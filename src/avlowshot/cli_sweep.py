@@ -97,8 +97,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("tables")
     def tables_cmd(name: str = typer.Argument(None, help="One table (default: all).")) -> None:
-        """List the named paper tables with their rows (method + config) and columns (dataset, features, shots,
-        metric)."""
+        """List the named paper tables: rows (method + config) and columns (dataset, features, shots, metric)."""
         from avlowshot.sweeps.tables import describe, get_table, table_names
 
         try:
@@ -165,8 +164,7 @@ def register(app: typer.Typer) -> None:
         tsne: bool = typer.Option(True, help="Draw the t-SNE map (loads the model and the test features)."),
         runs: bool = typer.Option(True, help="With a log dir: the plots of every run (--no-runs: tables only)."),
     ) -> None:
-        """Write PNG and PDF plots: val HM/seen/unseen against beta, training curves, per-class test accuracy,
-        t-SNE of sample and class codes; for a table, ours against published."""
+        """Plot runs (beta curve, training, per-class accuracy, t-SNE) and tables (ours vs published): PNG + PDF."""
         from avlowshot.eval import plots
 
         try:
