@@ -101,8 +101,9 @@ def plot_training(run_dir: Path, result: dict[str, Any], out_dir: Path) -> list[
         for term in hist[0]["train"] if hist else []:
             ax_loss.plot(epochs, [h["train"].get(term) for h in hist], marker=".", label=term)
         ax_loss.set(title=f"{name}: training losses", xlabel="epoch")
-        ax_loss.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax_val.xaxis.set_major_locator(MaxNLocator(integer=True))
+        for ax in (ax_loss, ax_val):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_xlim(0.5, max(epochs, default=1) + 0.5)
         ax_loss.legend(fontsize=7)
         if any("val" in h for h in hist):
             for key in ("seen", "unseen", "hm"):
