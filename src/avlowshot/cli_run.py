@@ -154,12 +154,15 @@ def register(app: typer.Typer) -> None:
     def report_cmd(
         log_dir: Path = typer.Option(..., help="Folder searched for result.json files."),
         format: str = typer.Option("markdown", "--format", help="markdown | csv | latex"),
+        table: str = typer.Option(None, help="A paper table (avlowshot tables): ours beside the published numbers."),
+        by: str = typer.Option("seed", help="seed: one row per group of runs differing only in seed | run"),
+        compat: str = typer.Option("none", help="--table: the compat mode of our runs (none | official)."),
     ) -> None:
-        """Print a table of all result records below a folder."""
-        from avlowshot.eval.report import report
+        """Print a table of all result records below a folder (mean ± std over seeds), or a paper's table."""
+        from avlowshot.eval.report import paper_table, report
 
         try:
-            text = report(log_dir, format)
+            text = paper_table(table, log_dir, format, compat) if table else report(log_dir, format, by)
         except AvlowshotError as exc:
             raise fail(exc) from None
         sys.stdout.write(text)

@@ -611,6 +611,11 @@ def evaluate_stages(ctx: RunContext, run_dir: Path) -> dict[str, Any]:
         "beta": beta,
         "beta_test": None if beta_test is None else float(beta_test),
         "val": {k: (100.0 * v if k != "beta" else v) for k, v in metric_record(res_val).items()},
+        # the stage-1 val metrics at every beta of the grid (avlowshot plot draws them against the chosen beta)
+        "val_curve": {
+            "beta": [float(b) for b in res_val.curve.betas],
+            **{k: [100.0 * float(v) for v in getattr(res_val.curve, k)] for k in ("seen", "unseen", "hm")},
+        },
     }
     if ctx.task == "gzsl":
         record["metrics"] = _percent(tests[0], "gzsl")
@@ -694,6 +699,7 @@ def build_result(ctx: RunContext, run_dir: Path, evaluated: dict[str, Any]) -> d
         if key in evaluated:
             result[key] = evaluated[key]
     result["val"] = evaluated["val"]
+    result["val_curve"] = evaluated["val_curve"]
     result["per_class"] = evaluated["per_class"]
     result["per_class_zsl"] = evaluated["per_class_zsl"]
     result["timings"] = _timings(s1, s2, evaluated["eval_seconds"], ctx.task)
