@@ -647,7 +647,7 @@ def build_result(ctx: RunContext, run_dir: Path, evaluated: dict[str, Any]) -> d
                 "best_epoch": a.best_epoch,
                 "best_val": a.best_hm,
                 "val_metric": sub.val_metric,
-                "stage2_epochs": a.best_epoch + 1,
+                "stage2_epochs": None if a.best_epoch is None else a.best_epoch + 1,  # None: imported run
                 "lr_drops": a.lr_drops,
                 "seconds_stage1": a.seconds,
                 "seconds_stage2": None if b is None else b.seconds,
