@@ -95,8 +95,9 @@ def check_data(
     console.print("[green]ok[/]: every file read, every check passed")
 
 
-from avlowshot import cli_bench, cli_extract, cli_run  # noqa: E402 - these commands need ``app``
+from avlowshot import cli_bench, cli_extract, cli_import, cli_run  # noqa: E402 - these commands need ``app``
 
 cli_run.register(app)
 cli_bench.register(app)
 cli_extract.register(app)
+cli_import.register(app)

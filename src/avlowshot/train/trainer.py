@@ -517,14 +517,18 @@ class Trainer:
             kwargs.update(negative=nb, negative_text=self.text[nb.labels])
         return batch, text[batch.labels], kwargs
 
-    def train_step(self, batch: Batch, text: torch.Tensor, kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """One optimiser step; returns the detached loss terms."""
+    def train_step(
+        self, batch: Batch, text: torch.Tensor, kwargs: dict[str, Any], after: bool = True
+    ) -> dict[str, torch.Tensor]:
+        """One optimiser step, then (``after``) the method's :meth:`after_step` hook; returns the detached loss
+        terms."""
         with precision(self.device, self.cfg.amp):
             losses = self.method.losses(batch, text, **kwargs)
         self.optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         self.optimizer.step()
-        self.method.after_step(batch, text)
+        if after:
+            self.method.after_step(batch, text)
         return {k: v.detach() for k, v in losses.items()}
 
     def load_iteration(self, plan: EpochPlan, b: int) -> list[tuple[Batch, torch.Tensor, dict[str, Any]]]:
@@ -540,10 +544,14 @@ class Trainer:
         return items
 
     def train_iteration(self, items: list[tuple[Batch, torch.Tensor, dict[str, Any]]]) -> dict[str, torch.Tensor]:
-        """One optimiser step per batch of the iteration; the loss terms (prefixed per stream when two)."""
+        """One optimiser step per batch of the iteration; the loss terms (prefixed per stream when two). With two
+        streams the :meth:`after_step` hooks run after both steps, on the base then the novel batch, in the
+        reference's order (AV-DIFF's extra pass)."""
         if len(items) == 1:
             return self.train_step(*items[0])
-        base, novel = (self.train_step(*item) for item in items)
+        base, novel = (self.train_step(*item, after=False) for item in items)
+        for batch, text, _ in items:
+            self.method.after_step(batch, text)
         losses = {**{f"base_{k}": v for k, v in base.items()}, **{f"novel_{k}": v for k, v in novel.items()}}
         losses["loss"] = losses["base_loss"] + losses["novel_loss"]
         return losses
