@@ -75,6 +75,15 @@ def _unsafe_globals(path: Path) -> list[str]:
         return []
 
 
+def _reason(exc: Exception) -> str:
+    """The cause of a failed ``torch.load`` in one line (torch's weights-only message is a page of advice)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    cause = next((ln for ln in lines if ln.startswith(("_pickle.UnpicklingError", "UnpicklingError"))), None)
+    if cause is None:
+        cause = next((ln for ln in reversed(lines) if "documentation" not in ln), lines[0] if lines else "")
+    return f"{type(exc).__name__}: {cause[:200]}"
+
+
 def load_reference_checkpoint(path: str | Path) -> dict[str, Any]:
     """A reference checkpoint dict, read with ``weights_only=True`` and :func:`checkpoint_globals`. A file that
     references any other global (a crafted pickle) is refused: :class:`ReferenceImportError` naming the file and the
@@ -90,18 +99,22 @@ def load_reference_checkpoint(path: str | Path) -> dict[str, Any]:
         admitted = {getattr(a, "__module__", "") + "." + getattr(a, "__name__", "") for a in allowed if callable(a)}
         admitted |= {a[1] for a in allowed if isinstance(a, tuple)}
         bad = [g for g in _unsafe_globals(path) if g not in admitted]
-        what = f"it references {', '.join(repr(g) for g in bad)}" if bad else f"({str(exc).splitlines()[-1][:200]})"
+        if not bad:  # no foreign global: a broken file (torch words every unpickling failure the same way)
+            raise ReferenceImportError(
+                f"not a readable torch checkpoint ({_reason(exc)})",
+                path=path,
+                fix="re-download the run folder; the file is truncated or is not a torch.save file",
+            ) from None
         raise ReferenceImportError(
-            f"refused to load this checkpoint: {what}, which is not a type a reference checkpoint holds (tensors, "
-            "containers, numbers, strings, argparse.Namespace, paths, numpy scalars); a file like this can run code "
-            "when it is unpickled",
+            f"refused to load this checkpoint: it references {', '.join(repr(g) for g in bad)}, which is not a type "
+            "a reference checkpoint holds (tensors, containers, numbers, strings, argparse.Namespace, paths, numpy "
+            "scalars); a file like this can run code when it is unpickled. Nothing was loaded",
             path=path,
             fix="use the checkpoint as the reference code saved it (re-download it from the authors' link)",
         ) from None
     except Exception as exc:  # not a torch file, truncated zip, ...
-        first = str(exc).splitlines()[0][:200] if str(exc) else ""
         raise ReferenceImportError(
-            f"not a readable torch checkpoint ({type(exc).__name__}: {first})",
+            f"not a readable torch checkpoint ({_reason(exc)})",
             path=path,
             fix="re-download the run folder; the file is truncated or is not a torch.save file",
         ) from None
@@ -177,7 +190,9 @@ def load_args_yaml(path: str | Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise ReferenceImportError(f"cannot read the saved arguments ({exc})", path=path) from None
     if not isinstance(obj, dict):
-        raise ReferenceImportError(f"expected a mapping of argument names to values, found {type(obj).__name__}", path=path)
+        raise ReferenceImportError(
+            f"expected a mapping of argument names to values, found {type(obj).__name__}", path=path
+        )
     return obj
 
 

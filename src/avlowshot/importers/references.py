@@ -114,13 +114,23 @@ def _common() -> dict[str, Rule]:
         **{
             k: inert("a model flag of the code base with no implementation behind it in this method")
             for k in (
-                "baseline", "audio_baseline", "video_baseline", "concatenated_baseline", "new_model",
-                "new_model_early_fusion", "new_model_middle_fusion", "new_model_attention",
-                "new_model_attention_both_heads", "perceiver", "attention_fusion",
+                "baseline",
+                "audio_baseline",
+                "video_baseline",
+                "concatenated_baseline",
+                "new_model",
+                "new_model_early_fusion",
+                "new_model_middle_fusion",
+                "new_model_attention",
+                "new_model_attention_both_heads",
+                "perceiver",
+                "attention_fusion",
             )
         },  # fmt: skip
         **{
-            k: need(False, why="selects a baseline model (ALE / DEVISE / SJE / APN / CJME) that avlowshot does not have")
+            k: need(
+                False, why="selects a baseline model (ALE / DEVISE / SJE / APN / CJME) that avlowshot does not have"
+            )
             for k in ("ale", "devise", "sje", "apn", "cjme")
         },
     }
@@ -446,11 +456,7 @@ def reference(name: str) -> Reference:
 def guess_reference(state: dict[str, torch.Tensor]) -> str | None:
     """The reference whose state dicts have the signature keys of ``state`` (to name the method of a checkpoint
     imported as another)."""
-    hits = [
-        name
-        for name, ref in REFERENCES.items()
-        if all(any(k.startswith(p) for k in state) for p in ref.signature)
-    ]
+    hits = [name for name, ref in REFERENCES.items() if all(any(k.startswith(p) for k in state) for p in ref.signature)]
     return hits[0] if len(hits) == 1 else None
 
 

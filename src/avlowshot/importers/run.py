@@ -274,8 +274,10 @@ def _check_state(ref: Reference, method, state: dict[str, torch.Tensor], path: P
         def few(items: list[str]) -> str:
             return ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
 
-        parts = [f"missing keys: {few(missing)}" if missing else "", f"unexpected keys: {few(unexpected)}" * bool(
-            unexpected)]
+        parts = [
+            f"missing keys: {few(missing)}" if missing else "",
+            f"unexpected keys: {few(unexpected)}" * bool(unexpected),
+        ]
         raise ReferenceImportError(
             f"the state dict does not match the {ref.title} model its saved arguments describe; "
             + "; ".join(p for p in parts if p),
@@ -434,9 +436,7 @@ def import_run(
         _check_state(ref, method, state, path, stage)
         method.load_state_dict(state, strict=True)
         if stage == 2 and int(c["epoch"]) != epoch:
-            raise ReferenceImportError(
-                f"stored epoch {c['epoch']}, expected {epoch} (the stage-1 model's)", path=path
-            )
+            raise ReferenceImportError(f"stored epoch {c['epoch']}, expected {epoch} (the stage-1 model's)", path=path)
         stage_states.append((stage, path, method.state_dict()))
         del method
 
@@ -449,7 +449,7 @@ def import_run(
         subs = ctx.curriculum
         s1_dir = tmp / "stage-1" / subs[-1].name if subs else tmp / "stage-1"
         stage2_dirs = [tmp / "stage-2" / f"repeat-{r}" for r in range(len(f2))] if subs else [tmp / "stage-2"]
-        for (stage, path, state), d in zip(stage_states, [s1_dir, *stage2_dirs], strict=True):
+        for (_stage, path, state), d in zip(stage_states, [s1_dir, *stage2_dirs], strict=True):
             name = str(d.relative_to(tmp))
             ckpt.save_checkpoint(d / rel, state, {**meta, "stage": name, "imported_from": str(path.resolve())})
             ckpt.atomic_write_json(

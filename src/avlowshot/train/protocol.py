@@ -561,7 +561,8 @@ def evaluate_stages(ctx: RunContext, run_dir: Path) -> dict[str, Any]:
         summary = metrics.gfsl_summary(tests)
         record["metrics"] = {k: summary[k] for k in GFSL_KEYS}
         record["metrics_std"] = {k: summary[f"{k}_std"] for k in GFSL_KEYS if f"{k}_std" in summary}
-        record["repeats"] = summary["repeats"]
+        # each repeat's test beta too: the reference re-searches a beta of 0 on the test split (official mode)
+        record["repeats"] = [{**rep, "beta": float(t.beta)} for rep, t in zip(summary["repeats"], tests, strict=True)]
         record["per_class"] = per_class
         record["per_class_zsl"] = per_class_zsl
     record["eval_seconds"] = time.perf_counter() - t0
@@ -657,6 +658,8 @@ def build_result(ctx: RunContext, run_dir: Path, evaluated: dict[str, Any]) -> d
         m.enter_substage(ctx.curriculum[-1].name)
         result["n_params_last_substage"] = int(count_parameters(m, trainable_only=True))
         del m
+    if info.get("imported"):  # a run directory written by ``import-run``: where its weights came from
+        result["imported"] = {k: info["imported"].get(k) for k in ("from", "reference", "ref_dir", "stage_1_epoch")}
     result["timings"]["load_data"] = ctx.load_seconds
     result["device"] = str(ctx.device)
     result["host"] = platform.node()
