@@ -189,7 +189,7 @@ def test_not_a_reference_run(tmp_path):
 @needs_kits
 def test_another_methods_checkpoint(tmp_path):
     with pytest.raises(
-        AvlowshotError, match=r"found AVCA_score\.pt \(a AVCA \(CVPR 2022\) checkpoint: import it with --from avca\)"
+        AvlowshotError, match=r"args\.pkl: these are the saved arguments of a run of AVCA \(CVPR 2022\), not of TCAF"
     ):
         import_run("tcaf", CONFORMANCE / "avca", layout="tcaf-cls", dataset="UCF",
                    root_dir=CONFORMANCE / "tcaf" / KITS["tcaf"][1], out=tmp_path / "o")  # fmt: skip
@@ -202,7 +202,7 @@ def test_another_methods_checkpoint(tmp_path):
     torch.save({**c, "epoch": 4}, a)  # the epoch of AVCA's stage 1, so that the stage-2 file is found
     with pytest.raises(
         AvlowshotError,
-        match=r"AVCA_score\.pt: this is not a AVCA \(CVPR 2022\) checkpoint: its state dict has the keys of TCAF",
+        match=r"AVCA_score\.pt: this is not a checkpoint of AVCA \(CVPR 2022\): its state dict has the keys of TCAF",
     ):
         _import("avca", tmp_path / "o", tmp_path / "cache", ref_dir=ref)
     assert not (tmp_path / "o").exists()

@@ -39,8 +39,9 @@ class Rule:
     convert: Callable[[Any], Any] | None = None
 
 
-def to(target: str, convert: Callable[[Any], Any] | None = None) -> Rule:
-    return Rule("to", target, convert=convert)
+def to(target: str, convert: Callable[[Any], Any] | None = None, *, allowed: tuple = (), why: str = "") -> Rule:
+    """Copied onto ``target``; with ``allowed``, other values are refused (``why``: what they would select)."""
+    return Rule("to", target, allowed=allowed, why=why, convert=convert)
 
 
 def derived(target: str) -> Rule:
@@ -168,8 +169,10 @@ def _fusion_model() -> dict[str, Rule]:
     )  # fmt: skip
     rules = {k: to(f"model.{k}") for k in keys}
     rules["transformer_embedding_fourier_scale"] = to("model.transformer_embedding_fourier_scale", _float)
-    rules["transformer_embedding_time_embed_type"] = need(
-        "sinusoid", "none", why="the 'fixed' (learned table) time embedding is not implemented by avlowshot"
+    rules["transformer_embedding_time_embed_type"] = to(
+        "model.transformer_embedding_time_embed_type",
+        allowed=("sinusoid", "none"),
+        why="the 'fixed' (learned table) time embedding is not implemented by avlowshot",
     )
     rules["transformer_use_class_token"] = need(True, why="the model always reads the class token")
     rules["batch_seqlen_train"] = derived("model.train_window")

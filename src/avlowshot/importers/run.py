@@ -135,7 +135,7 @@ def stage1_file(ref: Reference, s1: Path) -> Path:
         raise ReferenceImportError(f"several *_score.pt files: {', '.join(p.name for p in scores)}", path=s1)
     if scores[0].name != f"{ref.model_class}_score.pt":
         other = next((r for r in _all_refs() if scores[0].name == f"{r.model_class}_score.pt"), None)
-        hint = f" (a {other.title} checkpoint: import it with --from {other.method})" if other else ""
+        hint = f" (a checkpoint of {other.title}: import it with --from {other.method})" if other else ""
         raise ReferenceImportError(
             f"expected the {ref.title} checkpoint {ref.model_class}_score.pt, found {scores[0].name}{hint}",
             path=scores[0],
@@ -178,6 +178,28 @@ def _set(raw: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def check_known(ref: Reference, args: dict[str, Any], src: Path) -> None:
+    """Every saved argument must be one of the reference's; else name the code base the arguments do fit."""
+    unknown = sorted(k for k in args if k not in ref.rules)
+    if not unknown:
+        return
+    fits = sorted((len(r.rules), r.method) for r in _all_refs() if r.method != ref.method and set(args) <= set(r.rules))
+    if fits:
+        other = reference(fits[0][1])
+        raise ReferenceImportError(
+            f"these are the saved arguments of a run of {other.title}, not of {ref.title} (e.g. "
+            f"{', '.join(map(repr, unknown[:3]))} are not {ref.title} arguments)",
+            path=src,
+            fix=f"import it with --from {other.method}",
+        )
+    raise ReferenceImportError(
+        f"argument(s) {', '.join(map(repr, unknown))} are not arguments of the {ref.title} code ({ref.repository}); "
+        "this file comes from another code base or version",
+        path=src,
+        fix=f"import a run folder written by {ref.repository} (or choose the right --from)",
+    )
+
+
 def map_arguments(
     ref: Reference, args: dict[str, Any], src: Path, checks: dict[str, Any]
 ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
@@ -185,14 +207,7 @@ def map_arguments(
     ``checks``: context name -> (expected value, message); a mismatch is an error naming ``src``."""
     values: dict[str, Any] = {}
     account: dict[str, dict[str, Any]] = {}
-    unknown = [k for k in args if k not in ref.rules]
-    if unknown:
-        raise ReferenceImportError(
-            f"argument(s) {', '.join(map(repr, sorted(unknown)))} are not arguments of the {ref.title} code "
-            f"({ref.repository}); this file comes from another code base or version",
-            path=src,
-            fix=f"import a run folder written by {ref.repository} (or choose the right --from)",
-        )
+    check_known(ref, args, src)
     try:
         derived = ref.derive(args)
     except ValueError as exc:
@@ -200,6 +215,13 @@ def map_arguments(
     for key in sorted(args):
         v, rule = args[key], ref.rules[key]
         entry: dict[str, Any] = {"value": v, "rule": rule.kind}
+        if rule.kind in ("to", "need") and rule.allowed:
+            if not any(v == a and type(v) is type(a) for a in rule.allowed):
+                raise ReferenceImportError(
+                    f"argument '{key}' is {v!r}: {rule.why}; avlowshot imports only "
+                    + " / ".join(repr(a) for a in rule.allowed),
+                    path=src,
+                )
         if rule.kind == "to":
             values[rule.target] = rule.convert(v) if rule.convert and v is not None else v
             entry["to"] = rule.target
@@ -207,12 +229,6 @@ def map_arguments(
             values[rule.target] = derived[rule.target]
             entry["to"] = rule.target
         elif rule.kind == "need":
-            if not any(v == a and type(v) is type(a) for a in rule.allowed):
-                raise ReferenceImportError(
-                    f"argument '{key}' is {v!r}: {rule.why}; avlowshot imports only "
-                    + " / ".join(repr(a) for a in rule.allowed),
-                    path=src,
-                )
             entry["why"] = rule.why
         elif rule.kind == "context":
             check = checks.get(rule.target)
@@ -265,7 +281,7 @@ def _check_state(ref: Reference, method, state: dict[str, torch.Tensor], path: P
         other = guess_reference(state)
         if other is not None and other != ref.method:
             raise ReferenceImportError(
-                f"this is not a {ref.title} checkpoint: its state dict has the keys of {reference(other).title} "
+                f"this is not a checkpoint of {ref.title}: its state dict has the keys of {reference(other).title} "
                 f"(e.g. {', '.join(sorted(state)[:3])})",
                 path=path,
                 fix=f"import it with --from {other}",
@@ -332,6 +348,8 @@ def import_run(
     (s1, args1, src1), (s2, args2, src2) = locate_stages(
         ref_dir, None if stage1 is None else Path(stage1), None if stage2 is None else Path(stage2)
     )
+    check_known(ref, args1, src1)
+    check_known(ref, args2, src2)
     shots = None
     if spec.task == "gfsl":
         m = re.fullmatch(r"(\d+)-shot", str(args2.get("zero_shot_split", "")))
@@ -401,7 +419,7 @@ def import_run(
             )
         return c
 
-    values1, _ = map_arguments(ref, args1, src1, checks_for(1))
+    values1, account1 = map_arguments(ref, args1, src1, checks_for(1))
     values2, account2 = map_arguments(ref, args2, src2, checks_for(2))
     model1 = {k: v for k, v in values1.items() if k.startswith("model.")}
     model2 = {k: v for k, v in values2.items() if k.startswith("model.")}
@@ -424,6 +442,16 @@ def import_run(
     ctx = RunContext(info, cfg, device, cache_dir=cache_dir)
     for stage, args, src in ((1, args1, src1), (2, args2, src2)):
         map_arguments(ref, args, src, checks_for(stage, ctx))
+
+    notes = []
+    fine_tune = args1.get("epochs_fine_tune")
+    if ref.method == "avdiff" and isinstance(fine_tune, int) and epoch != fine_tune:
+        # the reference tests with the beta of the LAST stage-1 validation, whose model is not in the folder
+        notes.append(
+            f"stage 1 selected epoch {epoch} of {fine_tune}: the reference tested with the beta of the last stage-1 "
+            "validation (its model is not saved); the beta here comes from the saved best-epoch model"
+        )
+        log.warning("%s: %s", f1, notes[-1])
 
     # weights: mapped keys, built and strictly loaded into the model the config describes
     stage_states = []
@@ -471,7 +499,8 @@ def import_run(
             "stage_2": str(s2.resolve()),
             "stage_1_epoch": epoch,
             "files": {str(f.resolve()): _sha256(f) for f in files},
-            "arguments": account2,
+            "arguments": {"stage_1": account1, "stage_2": account2},
+            "notes": notes,
         }
         ckpt.atomic_write_text(tmp / CONFIG_FILE, dump_config(cfg))
         from avlowshot.train.protocol import _now
