@@ -46,5 +46,5 @@ def register(app: typer.Typer) -> None:
             )
         except AvlowshotError as exc:
             raise fail(exc) from None
-        console.print(f"imported {from_} run into {run_dir} (compat official)")
+        console.print(f"imported {from_} run into {run_dir} (compat official)", highlight=False, soft_wrap=True)
         console.print(f"evaluate it with: avlowshot evaluate --run-dir {run_dir}", highlight=False, soft_wrap=True)
