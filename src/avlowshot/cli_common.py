@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from avlowshot.errors import AvlowshotError
 
@@ -16,5 +17,6 @@ DATASET_HELP = "UCF | ActivityNet | VGGSound"
 
 def fail(exc: AvlowshotError) -> typer.Exit:
     """Print a user error (it names the file, the key and the fix) and return the exit to raise: code 2."""
-    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    # escaped: messages hold "[key]" and lists, which rich would read as markup and drop
+    err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
     return typer.Exit(2)

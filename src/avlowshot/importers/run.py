@@ -334,10 +334,11 @@ def import_run(
     """Import a reference run folder into a new avlowshot run directory ``out`` and return it (see the module
     docstring). Raises :class:`~avlowshot.errors.AvlowshotError` subclasses naming the file and what was expected;
     nothing is written then."""
-    from avlowshot.data.layouts import get_layout
+    from avlowshot.data.layouts import check_dataset, get_layout
     from avlowshot.train.protocol import CONFIG_FILE, RUN_FILE, RunContext
 
     ref = reference(source)
+    check_dataset(dataset, known_only=True)  # the references train on the three benchmarks only
     out = Path(out)
     spec = get_layout(layout)
     if layout not in ref.layouts:
