@@ -305,15 +305,16 @@ def test_official_ddpm_step_coefficient():
     assert torch.allclose(ours.p_sample(x, t, w, z), want, atol=1e-5)
 
 
-def test_time_stamps_are_float64_products_cast_to_float32(synth_root, cache_dir):
-    from avlowshot.data.batching import gather
-    from avlowshot.data.benchmark import load_benchmark
+def test_time_stamps_are_float64_products_cast_to_float32():
+    from avlowshot.data.batching import _gather_temporal
 
-    bench = load_benchmark("tcaf-cls", synth_root("tcaf-cls"), "UCF", cache_dir=cache_dir)
-    batch = gather(bench.store, np.arange(4))
-    for t, step in ((batch.audio_time, 0.96), (batch.video_time, 0.64)):
-        want = torch.from_numpy(np.arange(t.shape[1]) * step).to(torch.float32)
+    n = 400
+    for step in (0.96, 0.64):
+        mod = SimpleNamespace(data=torch.zeros(n, 2), offsets=torch.tensor([0, n]), dim=2, step_seconds=step)
+        _, _, t = _gather_temporal(mod, torch.tensor([0]))
+        want = torch.from_numpy(np.arange(n) * step).to(torch.float32)
         assert torch.equal(t[0], want)
+        assert not torch.equal(t[0], torch.arange(n, dtype=torch.float32) * step)  # the float32 product differs
 
 
 def test_two_stream_iteration_runs_the_extra_passes_after_both_steps():
