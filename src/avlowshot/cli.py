@@ -143,9 +143,10 @@ def methods(
     console.print(table)
 
 
-from avlowshot import cli_bench, cli_extract, cli_run, cli_sweep  # noqa: E402 - these commands need ``app``
+from avlowshot import cli_bench, cli_extract, cli_import, cli_run, cli_sweep  # noqa: E402 - these commands need ``app``
 
 cli_run.register(app)
 cli_bench.register(app)
 cli_extract.register(app)
 cli_sweep.register(app)
+cli_import.register(app)

@@ -34,6 +34,13 @@ def print_result(result: dict[str, Any]) -> None:
 
 def result_title(result: dict[str, Any]) -> str:
     shots = f", {result['shots']} shots" if result.get("shots") else ""
+    imported = result.get("imported")
+    if imported:  # import-run: the authors' checkpoints, their stored stage-1 epoch
+        return (
+            f"{result['method']} on {result['dataset']} {result['layout']} ({result['split_family']}{shots}, "
+            f"compat {result['compat']}): the reference's checkpoints from {imported['ref_dir']} (stage-1 epoch "
+            f"{imported['stage_1_epoch']}), beta {result['beta']:.4g}"
+        )
     best = "none (no training)" if result["best_epoch"] is None else result["best_epoch"] + 1
     return (
         f"{result['method']} on {result['dataset']} {result['layout']} ({result['split_family']}{shots}, "

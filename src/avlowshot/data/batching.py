@@ -83,7 +83,8 @@ def _gather_temporal(
     rows = (begin.unsqueeze(1) + pos.unsqueeze(0))[mask]
     out = torch.zeros(batch, width, mod.dim, dtype=torch.float32)
     out[mask] = mod.data[rows].to(torch.float32)
-    time = (pos.to(torch.float32) * mod.step_seconds).expand(batch, width).contiguous()
+    # float64 products cast to float32, as the references compute their time stamps (i * 0.96 differs in float32)
+    time = (pos.to(torch.float64) * mod.step_seconds).to(torch.float32).expand(batch, width).contiguous()
     return out, mask, time
 
 

@@ -191,10 +191,11 @@ class EpsilonNet(nn.Module):
 class DenoiseDiffusion(nn.Module):
     """Linear-schedule DDPM (``beta = linspace(1e-4, 0.02, T)``, ``sigma^2 = beta``), steps t = 0..T-1."""
 
-    def __init__(self, eps_model: nn.Module, steps: int):
+    def __init__(self, eps_model: nn.Module, steps: int, official: bool = False):
         super().__init__()
         self.eps_model = eps_model
         self.steps = steps
+        self.official = official
         beta = torch.linspace(1e-4, 0.02, steps)
         alpha = 1.0 - beta
         self.register_buffer("beta", beta, persistent=False)
@@ -208,10 +209,15 @@ class DenoiseDiffusion(nn.Module):
 
     def p_sample(self, x: Tensor, t: Tensor, w: Tensor, z: Tensor | None = None) -> Tensor:
         """One ancestral step ``x_{t-1} = (x - beta_t / sqrt(1 - abar_t) eps_hat) / sqrt(alpha_t) + sqrt(beta_t) z``
-        for the whole batch (noise also at t = 0, as the reference)."""
+        for the whole batch (noise also at t = 0, as the reference). ``official``: the reference's float32 operation
+        order, ``1 / sqrt(alpha_t) * (x - (1 - alpha_t) / sqrt(1 - abar_t) * eps_hat)`` (1 - alpha_t equals beta_t
+        in exact arithmetic, not in float32)."""
         eps_hat = self.eps_model(x, t, w)
         beta, alpha, ab = (v[t].unsqueeze(-1) for v in (self.beta, self.alpha, self.alpha_bar))
-        mean = (x - beta / (1.0 - ab).sqrt() * eps_hat) / alpha.sqrt()
+        if self.official:
+            mean = 1.0 / alpha.sqrt() * (x - (1.0 - alpha) / (1.0 - ab).sqrt() * eps_hat)
+        else:
+            mean = (x - beta / (1.0 - ab).sqrt() * eps_hat) / alpha.sqrt()
         if z is None:
             z = torch.randn_like(x)
         return mean + beta.sqrt() * z
@@ -347,7 +353,7 @@ class AVDiff(Method):
             )  # fmt: skip
         self.discriminator_seen_novel = CalibrationNet(o, c.calibration_net_hidden_size)
         if c.generator == "diffusion":
-            self.diffusion = DenoiseDiffusion(self.generator, c.diffusion_steps)
+            self.diffusion = DenoiseDiffusion(self.generator, c.diffusion_steps, official=self.official)
         else:
             self.diffusion = ConditionalWGAN(
                 o, w_dim, c.latent_generator, c.generator_hidden_size, c.discriminator_hidden_size,

@@ -151,7 +151,8 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
         return None
 
     def after_step(self, batch: Batch, text: Tensor) -> None:  # noqa: B027 - optional hook, no-op by default
-        """Hook run after each optimiser step on the same positive batch."""
+        """Hook run after each optimiser step on the same positive batch (iterations with a base and a novel
+        stream: after both steps, on each batch in turn)."""
 
     @abc.abstractmethod
     def encode_samples(self, batch: Batch) -> Tensor:

@@ -1,8 +1,10 @@
 """Layers shared by the methods: the BN embedding MLP and the pre-norm transformer with optional attention masks.
 
-Module and attribute names follow the reference implementations (``fc``, ``layers.i.0.fn.to_qkv``, ...) so that
-their released ``state_dict`` files load without a key map, and modules are created in the reference order so that
-seeded initialisation draws the same numbers.
+Module and attribute names follow the reference implementations (``fc``, ``layers.i.0.fn.to_qkv``, ...) and modules
+are created in the reference order, so that seeded initialisation draws the same numbers. AVCA's and ClipClap's
+released ``state_dict`` files load as they are; TCAF's and AV-DIFF's need the key map of
+``avlowshot.importers.references`` (the reference registers its embedding block twice, keeps the Fourier time
+features directly in it, and names the epsilon network's Sequential ``fc``).
 """
 
 from __future__ import annotations

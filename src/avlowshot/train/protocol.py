@@ -625,7 +625,8 @@ def evaluate_stages(ctx: RunContext, run_dir: Path) -> dict[str, Any]:
         summary = metrics.gfsl_summary(tests)
         record["metrics"] = {k: summary[k] for k in GFSL_KEYS}
         record["metrics_std"] = {k: summary[f"{k}_std"] for k in GFSL_KEYS if f"{k}_std" in summary}
-        record["repeats"] = summary["repeats"]
+        # each repeat's test beta too: the reference re-searches a beta of 0 on the test split (official mode)
+        record["repeats"] = [{**rep, "beta": float(t.beta)} for rep, t in zip(summary["repeats"], tests, strict=True)]
         record["per_class"] = per_class
         record["per_class_zsl"] = per_class_zsl
     record["eval_seconds"] = time.perf_counter() - t0
@@ -712,7 +713,8 @@ def build_result(ctx: RunContext, run_dir: Path, evaluated: dict[str, Any]) -> d
                 "best_epoch": a.best_epoch,
                 "best_val": a.best_hm,
                 "val_metric": sub.val_metric if sub.validate else None,
-                "stage2_epochs": handed_on(a)[0],
+                # None: an imported run (the reference saved its best checkpoint, not its epoch count)
+                "stage2_epochs": handed_on(a)[0] if a.best_epoch is not None or not sub.validate else None,
                 "lr_drops": a.lr_drops,
                 "seconds_stage1": a.seconds,
                 "seconds_stage2": None if b is None else b.seconds,
@@ -722,6 +724,8 @@ def build_result(ctx: RunContext, run_dir: Path, evaluated: dict[str, Any]) -> d
         m.enter_substage(ctx.curriculum[-1].name)
         result["n_params_last_substage"] = int(count_parameters(m, trainable_only=True))
         del m
+    if info.get("imported"):  # a run directory written by ``import-run``: where its weights came from
+        result["imported"] = {k: info["imported"].get(k) for k in ("from", "reference", "ref_dir", "stage_1_epoch")}
     result["timings"]["load_data"] = ctx.load_seconds
     result["device"] = str(ctx.device)
     result["host"] = platform.node()

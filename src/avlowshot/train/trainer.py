@@ -586,14 +586,18 @@ class Trainer:
             kwargs.update(negative=nb, negative_text=self.text[nb.labels])
         return batch, text[batch.labels], kwargs
 
-    def train_step(self, batch: Batch, text: torch.Tensor, kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """One optimiser step; returns the detached loss terms."""
+    def train_step(
+        self, batch: Batch, text: torch.Tensor, kwargs: dict[str, Any], after: bool = True
+    ) -> dict[str, torch.Tensor]:
+        """One optimiser step, then (``after``) the method's :meth:`after_step` hook; returns the detached loss
+        terms."""
         with precision(self.device, self.cfg.amp):
             losses = self.method.losses(batch, text, **kwargs)
         self.optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         self.optimizer.step()
-        self.method.after_step(batch, text)
+        if after:
+            self.method.after_step(batch, text)
         return {k: v.detach() for k, v in losses.items()}
 
     def load_iteration(self, plan: EpochPlan, b: int) -> list[tuple[Batch, torch.Tensor, dict[str, Any]]]:
@@ -612,17 +616,23 @@ class Trainer:
         return items
 
     def train_iteration(self, items: list[tuple[Batch, torch.Tensor, dict[str, Any]]]) -> dict[str, torch.Tensor]:
-        """One optimiser step per batch of the iteration; the loss terms (prefixed per step, or per stream, when
-        more than one)."""
+        """One optimiser step per batch of the iteration (two streams, or a substage's named steps); the loss terms
+        prefixed per step, or per stream. The :meth:`after_step` hooks run after all the steps, once per batch, in
+        the reference's order (AV-DIFF's extra pass after both of its optimiser steps)."""
         if len(items) == 1:
             return self.train_step(*items[0])
         losses: dict[str, torch.Tensor] = {}
         total = None
         for item in items:
-            part = self.train_step(*item)
+            part = self.train_step(*item, after=False)
             prefix = item[2].get("step") or item[2]["stream"]
             losses.update({f"{prefix}_{k}": v for k, v in part.items()})
             total = part["loss"] if total is None else total + part["loss"]
+        done: set[int] = set()
+        for batch, text, _ in items:
+            if id(batch) not in done:
+                done.add(id(batch))
+                self.method.after_step(batch, text)
         losses["loss"] = total
         return losses
 
