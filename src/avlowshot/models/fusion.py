@@ -177,7 +177,7 @@ class FusionBaseline(Method):
     score_kind: ClassVar[str] = "distance"  # the zsl head's; the fsl head sets "probability" on the instance
     needs_negatives: ClassVar[bool] = False
     needs_class_table: ClassVar[bool] = True  # the zsl head's CE over the training classes
-    needs_label_space: ClassVar[bool] = True  # the fsl head's classifier; the zsl head ignores it
+    needs_label_space: ClassVar[bool] = True  # built with classes= (the fsl head's classifier); per instance below
     tasks: ClassVar[tuple[str, ...]] = ("gzsl", "gfsl")
     layouts: ClassVar[tuple[str, ...]] = ("tcaf-cls", "tcaf-main", "avdiff")
     inputs: ClassVar[str] = "temporal"
@@ -189,7 +189,7 @@ class FusionBaseline(Method):
         self.official = compat == "official"
         self.fsl = config.head == "fsl"
         self.score_kind = "probability" if self.fsl else "distance"
-        self.needs_label_space = self.fsl  # the instance says whether its head scores by classifier column
+        self.needs_label_space = self.fsl  # the zsl head scores any class text (e.g. new names at predict time)
         if self.fsl and classes is None:
             raise ValueError(f"{self.name} with head fsl needs the label space of its classifier (classes=...)")
         labels = np.sort(np.asarray(classes if classes is not None else [], dtype=np.int64))
