@@ -10,11 +10,14 @@ from pydantic import BaseModel, ValidationError
 from avlowshot.errors import ConfigError
 from avlowshot.models.avca import AVCA
 from avlowshot.models.avdiff import AVDiff
+from avlowshot.models.avgzslnet import CJME, AVGZSLNet
 from avlowshot.models.base import InputDims, Method
+from avlowshot.models.bilinear import ALE, DEVISE, SJE
 from avlowshot.models.clipclap import ClipClap
 from avlowshot.models.tcaf import TCAF
 
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (AVCA, AVDiff, ClipClap, TCAF)}
+METHODS.update({cls.name: cls for cls in (AVGZSLNet, CJME, ALE, DEVISE, SJE)})
 
 
 def shipped_configs(name: str) -> list[str]:

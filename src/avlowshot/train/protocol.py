@@ -487,7 +487,11 @@ def test_beta(beta: float, ctx: RunContext) -> float:
     of it (``metrics.transfer_beta``, e.g. AVCA's 0 -> 1e-10)."""
     if ctx.compat != "official":
         return beta
-    return metrics.transfer_beta(beta, ctx.cfg.method)
+    from avlowshot.models import registry
+
+    # Baselines re-implemented in a reference repository convert the beta as that repository does.
+    family = getattr(registry.method_class(ctx.cfg.method), "beta_family", ctx.cfg.method)
+    return metrics.transfer_beta(beta, family)
 
 
 def _percent(result, task: str) -> dict[str, float]:
