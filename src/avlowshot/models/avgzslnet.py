@@ -118,6 +118,15 @@ def row_distance(x: Tensor, y: Tensor, squared: bool) -> Tensor:
     return d if squared else d.pow(0.5)
 
 
+def attention_targets(h_a: Tensor, h_v: Tensor) -> Tensor:
+    """CJME's attention supervision from the class-posterior entropies: 1 (video) where the audio entropy exceeds
+    the video one by more than 0.1, 0 (audio) in the opposite case, 0.5 otherwise."""
+    target = torch.full_like(h_a, 0.5)
+    target[h_a - h_v - ENTROPY_MARGIN > 0] = 1.0
+    target[h_v - h_a - ENTROPY_MARGIN > 0] = 0.0
+    return target
+
+
 def _mode_scores(a: Tensor, v: Tensor, t: Tensor, mode: str, thr: Tensor | None = None) -> Tensor:
     """Distances ``[N, C]`` of the audio / video codes to the class codes for one evaluation mode."""
     if mode == "audio":
@@ -299,9 +308,7 @@ class CJME(_TripletBaseline):
             e = self.triplet_net.embedding_net3(class_text)
             h_a = torch.distributions.Categorical(probs=torch.softmax(a1.detach() @ e.t(), dim=1)).entropy()
             h_v = torch.distributions.Categorical(probs=torch.softmax(v1.detach() @ e.t(), dim=1)).entropy()
-            target = torch.full_like(h_a, 0.5)
-            target[h_a - h_v - ENTROPY_MARGIN > 0] = 1.0  # audio less certain: attend to video
-            target[h_v - h_a - ENTROPY_MARGIN > 0] = 0.0
+            target = attention_targets(h_a, h_v)
         l_ta = triplet(t1, a1, a2, c.margin, reduction="none")
         l_tv = triplet(t1, v1, v2, c.margin, reduction="none")
         if c.composite == "reference":
