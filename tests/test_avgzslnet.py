@@ -326,3 +326,60 @@ def test_avca_learns_on_the_clipclap_layout(synth_root, tmp_path, one_thread):
     rec = json.loads((tmp_path / "runs" / "avca_UCF_clipclap_seed42" / "result.json").read_text())
     chance = 100 / len(rec["per_class"])
     assert rec["metrics"]["seen"] > 3 * chance and rec["metrics"]["unseen"] > 3 * chance, rec["metrics"]
+
+
+def test_official_test_beta_is_the_mean_of_the_three_mode_betas(synth_root, tmp_path, one_thread):
+    """specs §5.3: with --compat official the test beta is (beta_audio + beta_video + beta_both) / 3 of the
+    stage-1 model on val (0 -> 1e-10); by default it is the beta of the scored mode."""
+    from avlowshot.eval import metrics
+    from avlowshot.train import protocol
+    from avlowshot.train.trainer import evaluate_split
+
+    root = synth_root("avca-cls", "UCF", scale=0.1)
+    base = ["run", "--method", "avgzslnet", "--layout", "avca-cls", "--dataset", "UCF", "--root-dir", str(root),
+            "--log-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"), "--quiet"]  # fmt: skip
+    for item in ("epochs=2", "n_batches=6", "batch_size=64"):
+        base += ["--set", item]
+    for extra in ([], ["--compat", "official"]):
+        res = runner.invoke(app, base + extra)
+        assert res.exit_code == 0, res.output
+    plain = json.loads((tmp_path / "runs" / "avgzslnet_UCF_avca-cls_seed42" / "result.json").read_text())
+    assert plain["beta_test"] == plain["beta"]
+    run_dir = tmp_path / "runs" / "avgzslnet_UCF_avca-cls_seed42_official"
+    official = json.loads((run_dir / "result.json").read_text())
+    info, cfg = protocol.load_run_info(run_dir)
+    ctx = protocol.RunContext(info, cfg, "cpu", cache_dir=tmp_path / "cache")
+    s1 = protocol.read_summary(run_dir / "stage-1")
+    model = protocol._load_model(ctx, run_dir / "stage-1", s1.checkpoint_best, stage=1)
+    betas = []
+    for mode in ("audio", "video", "both"):
+        model.score_mode = mode
+        res = evaluate_split(model, ctx.store, ctx.protocol.stage1_val, ctx.text, ctx.device, 1024,
+                             betas=metrics.beta_grid("avca"), phase="val")  # fmt: skip
+        betas.append(float(res.beta))
+    mean = sum(betas) / 3
+    assert official["beta_test"] == pytest.approx(1e-10 if mean == 0 else mean, abs=1e-12), betas
+    assert official["beta"] == betas[2]  # the reported val beta stays the scored mode's
+
+
+def test_mean_mode_beta_scores_each_mode_and_restores_the_model(monkeypatch):
+    from types import SimpleNamespace
+
+    from avlowshot.train import protocol
+
+    model = build_method("avgzslnet", {}, InputDims(3, 4, 5))
+    ctx = SimpleNamespace(device=torch.device("cpu"), cfg=RunConfig(method="avgzslnet"), store=None, text=None)
+    for found, want in (
+        ({"audio": 0.2, "video": 0.6, "both": 1.6}, 0.8),
+        ({"audio": 0.0, "video": 0.0, "both": 0.0}, 1e-10),
+    ):
+        calls = []
+
+        def fake(method, *args, found=found, calls=calls, **kwargs):
+            calls.append((method.score_mode, kwargs["phase"]))
+            return SimpleNamespace(beta=found[method.score_mode])
+
+        monkeypatch.setattr(protocol, "evaluate_split", fake)
+        got = protocol._mean_mode_beta(ctx, model, None, "avca", AVGZSLNet.reference_beta_modes)
+        assert calls == [("audio", "val"), ("video", "val"), ("both", "val")]
+        assert got == pytest.approx(want) and model.score_mode is None

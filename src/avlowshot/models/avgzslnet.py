@@ -36,9 +36,9 @@ batches of 256, beta grid linspace(0, 3, 16)). ``distance_fn: SquaredL2Loss`` ch
 reference's evaluation during training never squares; scores here are always plain L2).
 
 **Differences**: negatives come from the shared sampler's generator (the reference's numpy draws repeat across
-workers and epochs, §4.5); dropout masks come from another random stream. Under ``--compat official`` the test beta
-is the stage-1 "both" beta converted as AVCA's (0 -> 1e-10); the reference's test beta is the mean of three betas
-searched for the audio, video and both modes (§5.3), which the shared protocol does not compute.
+workers and epochs, §4.5); dropout masks come from another random stream. The test beta is the stage-1 beta of the
+scored mode ("both"); ``--compat official`` uses the reference's: the mean of the betas searched on val for the
+audio, video and both modes (§5.3; 0 -> 1e-10).
 
 **PROPOSED** (no code exists): on the ``clipclap`` layout (1024-d CLAP audio, 512-d CLIP video, 1536-d CLIP ‖ CLAP
 text) ``f_t`` takes the 1536-d text with the reference's hidden width 300 (``text_hidden_size``) and ``f_dec``
@@ -178,8 +178,14 @@ class _TripletBaseline(Method):
     layouts: ClassVar[tuple[str, ...]] = LAYOUTS
     inputs: ClassVar[str] = "averaged"
     beta_family: ClassVar[str] = "avca"  # --compat official converts the test beta as the AVCA repository does
+    # --compat official: the test beta is the mean of the val betas of these modes (specs §5.3).
+    reference_beta_modes: ClassVar[tuple[str, ...]] = ("audio", "video", "both")
 
     triplet_net: TripletNet
+    score_mode: str | None = None  # set by the protocol to score another mode than the config's
+
+    def _mode(self) -> str:
+        return self.score_mode or self.config.score_mode
 
     def encode_classes(self, text: Tensor) -> Tensor:
         """``f_t(text)`` ``[C, 64]``."""
@@ -257,7 +263,7 @@ class AVGZSLNet(_TripletBaseline):
 
     def scores(self, sample_codes: tuple[Tensor, Tensor], class_codes: Tensor) -> Tensor:
         a, v = sample_codes
-        return _mode_scores(a, v, class_codes, self.config.score_mode)
+        return _mode_scores(a, v, class_codes, self._mode())
 
 
 class CJME(_TripletBaseline):
@@ -327,4 +333,4 @@ class CJME(_TripletBaseline):
 
     def scores(self, sample_codes: tuple[Tensor, Tensor, Tensor], class_codes: Tensor) -> Tensor:
         a, v, thr = sample_codes
-        return _mode_scores(a, v, class_codes, self.config.score_mode, thr.to(a.dtype))
+        return _mode_scores(a, v, class_codes, self._mode(), thr.to(a.dtype))
