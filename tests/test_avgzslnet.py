@@ -383,3 +383,20 @@ def test_mean_mode_beta_scores_each_mode_and_restores_the_model(monkeypatch):
         got = protocol._mean_mode_beta(ctx, model, None, "avca", AVGZSLNet.reference_beta_modes)
         assert calls == [("audio", "val"), ("video", "val"), ("both", "val")]
         assert got == pytest.approx(want) and model.score_mode is None
+
+
+@pytest.mark.parametrize("method", ["avgzslnet", "cjme", "ale", "devise", "sje"])
+def test_losses_and_scores_under_bf16_autocast(method):
+    """``amp: bf16`` (the CUDA default): every term stays finite and the scores keep their shape."""
+    d = InputDims(5, 6, 7)
+    pos, neg, table = hand_batch(d, 8, 6)
+    model = build_method(method, {"embeddings_hidden_size": 8} if method in ("avgzslnet", "cjme") else {}, d)
+    extra = {"class_text": table, "class_ids": torch.arange(3)} if model.needs_class_table else {}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.train().losses(pos, table[pos.labels], neg, table[neg.labels], **extra)
+        assert all(torch.isfinite(v).all() for v in out.values())
+        out["loss"].backward()
+        model.eval()
+        with torch.no_grad():
+            s = model.scores(model.encode_samples(pos), model.encode_classes(table))
+    assert s.shape == (8, 3) and torch.isfinite(s).all()

@@ -312,8 +312,9 @@ class CJME(_TripletBaseline):
         w = self._attention(batch)
         with torch.no_grad():  # the class table in train mode, detached (BN statistics and dropout as the reference)
             e = self.triplet_net.embedding_net3(class_text)
-            h_a = torch.distributions.Categorical(probs=torch.softmax(a1.detach() @ e.t(), dim=1)).entropy()
-            h_v = torch.distributions.Categorical(probs=torch.softmax(v1.detach() @ e.t(), dim=1)).entropy()
+            # float32: under bf16 autocast the probabilities would fail Categorical's simplex check
+            h_a = torch.distributions.Categorical(probs=torch.softmax((a1 @ e.t()).float(), dim=1)).entropy()
+            h_v = torch.distributions.Categorical(probs=torch.softmax((v1 @ e.t()).float(), dim=1)).entropy()
             target = attention_targets(h_a, h_v)
         l_ta = triplet(t1, a1, a2, c.margin, reduction="none")
         l_tv = triplet(t1, v1, v2, c.margin, reduction="none")
