@@ -3,7 +3,9 @@
 from avlowshot.models.apn import APN, APNConfig
 from avlowshot.models.avca import AVCA, AVCAConfig
 from avlowshot.models.avdiff import AVDiff, AVDiffConfig
+from avlowshot.models.avgzslnet import CJME, AVGZSLNet, AVGZSLNetConfig, CJMEConfig
 from avlowshot.models.base import InputDims, Method, Substage, count_parameters
+from avlowshot.models.bilinear import ALE, DEVISE, SJE, BilinearConfig
 from avlowshot.models.clipclap import ClipClap, ClipClapConfig
 from avlowshot.models.fusion import AttentionFusion, Perceiver
 from avlowshot.models.fvaegan import FVAEGAN, FVAEGANConfig
@@ -13,6 +15,14 @@ from avlowshot.models.tcaf import TCAF, TCAFConfig
 from avlowshot.models.textmatch import TextMatch
 
 __all__ = [
+    "ALE",
+    "AVGZSLNet",
+    "AVGZSLNetConfig",
+    "BilinearConfig",
+    "CJME",
+    "CJMEConfig",
+    "DEVISE",
+    "SJE",
     "APN",
     "APNConfig",
     "FVAEGAN",

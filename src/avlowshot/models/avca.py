@@ -8,6 +8,13 @@ Kept reference behaviour (specs §9, items 2-5), since the published numbers dep
 * every sub-network call is its own BatchNorm batch, in the reference call order, including the calls whose
   outputs the loss never reads; they only move BN running statistics, and those are the eval-time statistics.
 
+ClipClap table (``configs/avca/<ds>-clipclap.yaml``, PROPOSED: no code exists, specs/baselines.md §2.3.5 makes the
+same choice for Hyper-multiple): 1024-d CLAP audio, 512-d CLIP video and the 1536-d CLIP ‖ CLAP text into
+``W_proj`` / out of ``D`` (2,117,168 parameters); model values and protocol of the AVCA cls run scripts (from code).
+Alternative: ClipClap's protocol constants (``--set batch_size=64 --set n_batches=300 --set lr=7e-5 --set
+epochs=20 --set beta_grid=clipclap`` for UCF; lr 1e-4, 15 epochs for ActivityNet / VGGSound). Published (ClipClap
+README, HM / ZSL): UCF 36.69 / 38.67, ActivityNet 21.76 / 20.88, VGGSound 11.26 / 8.16.
+
 GFSL (AV-DIFF Table 2, ``--shots k``; baselines.md §3.7, PROPOSED: the adaptation is not public): AV-DIFF "uses a
 classifier on the video output". ``model.head: classifier`` (the shipped ``<ds>-cls-<k>shot`` configs, AV-DIFF's
 ``--AVCA_cls``): ``Linear(64, C)`` on ``theta_v``, CE only, softmax probabilities at test with AV-DIFF's metric

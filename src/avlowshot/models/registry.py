@@ -11,7 +11,9 @@ from avlowshot.errors import ConfigError
 from avlowshot.models.apn import APN
 from avlowshot.models.avca import AVCA
 from avlowshot.models.avdiff import AVDiff
+from avlowshot.models.avgzslnet import CJME, AVGZSLNet
 from avlowshot.models.base import InputDims, Method
+from avlowshot.models.bilinear import ALE, DEVISE, SJE
 from avlowshot.models.clipclap import ClipClap
 from avlowshot.models.fusion import AttentionFusion, Perceiver
 from avlowshot.models.fvaegan import FVAEGAN
@@ -27,6 +29,7 @@ METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (AVCA, AVDiff, Clip
 METHODS.update({cls.name: cls for cls in (HyperAlignment, HyperSingle, HyperMultiple)})
 METHODS.update({cls.name: cls for cls in (AttentionFusion, Perceiver, TextMatch)})
 METHODS.update({cls.name: cls for cls in (HiP, MBT, SLDG, Zorro)})
+METHODS.update({cls.name: cls for cls in (AVGZSLNet, CJME, ALE, DEVISE, SJE)})
 
 
 def shipped_configs(name: str) -> list[str]:
