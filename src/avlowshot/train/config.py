@@ -340,7 +340,7 @@ def _check_substage_epochs(cfg: RunConfig, source: str, overrides: dict[str, str
             have = f"known: {', '.join(known)}" if known else f"method '{cfg.method}' has no substages"
             raise ConfigError(f"{where}: '{dotted}': unknown substage ({have})")
         if not 1 <= epochs <= MAX_EPOCHS:
-            raise ConfigError(f"{where}: '{dotted}': must be from 1 to {MAX_EPOCHS}, got {_echo(epochs)}")
+            raise ConfigError(f"{where}: '{dotted}': must be >= 1 and <= {MAX_EPOCHS}, got {_echo(epochs)}")
 
 
 def shipped_config(method: str, dataset: str, feature_set: str, shots: int | None = None) -> Path:
