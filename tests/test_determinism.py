@@ -17,7 +17,7 @@ from avlowshot.train import protocol
 from avlowshot.train.config import load_config
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
-TINY = ["epochs=2", "n_batches=6", "batch_size=32"]
+TINY = ["epochs=2", "n_batches=4", "batch_size=32"]
 NAME = "avca_UCF_avca-cls_seed42"
 
 
