@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -423,13 +422,15 @@ def test_disk_full_while_building_the_cache(finished, tmp_path, monkeypatch):
 
 
 def test_cache_half_built_by_a_killed_process_is_removed(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    """A build holds a lock on its temporary folder; a folder whose lock is free was left by a dead builder."""
     final = tmp_path / "UCF-avca-cls-0123"
-    mine, theirs = tmp_path / f".{final.name}.tmp-dead0001", tmp_path / f".{final.name}.tmp-live0001"
-    for d, pid in ((mine, int(dead.stdout)), (theirs, os.getpid())):  # a dead process's and a live one's
+    dead, live = tmp_path / f".{final.name}.tmp-dead0001", tmp_path / f".{final.name}.tmp-live0001"
+    for d in (dead, live):
         d.mkdir()
         (d / "audio.bin").write_bytes(b"\0" * 64)
-        (d / cache_mod.OWNER_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": pid}))
-    writer = cache_mod.CacheWriter(final)
-    assert not mine.exists() and theirs.exists()
-    writer.abort()
+    lock = cache_mod._lock_dir(live)  # a live build elsewhere
+    try:
+        removed = cache_mod.remove_dead_temps(tmp_path)
+        assert removed == [dead.name] and not dead.exists() and live.exists()
+    finally:
+        cache_mod._unlock(lock)

@@ -390,13 +390,8 @@ def write_record(record: dict[str, Any], path: Path) -> None:
 
 @contextlib.contextmanager
 def threads(n: int | None):
-    """Run with ``n`` torch intra-op threads (None: leave the default)."""
-    if n is None:
+    """Run with ``n`` torch intra-op threads (None: the current count), pinned like a run (``train.threads``)."""
+    from avlowshot.train.threads import pinned
+
+    with pinned(n):
         yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

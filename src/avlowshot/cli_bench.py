@@ -69,6 +69,9 @@ def register(app: typer.Typer) -> None:
         no_eval: bool = typer.Option(False, "--no-eval", help="Skip the evaluation timing."),
     ) -> None:
         """Measure data loading, training throughput, FLOPs vs GEMM throughput, evaluation time and memory."""
+        from avlowshot.train.threads import pin_environment
+
+        pin_environment()  # before torch loads its thread pools
         from avlowshot import bench
 
         spec = bench.BenchSpec(

@@ -13,6 +13,15 @@ from rich.table import Table
 from avlowshot.cli_common import DATASET_HELP, LAYOUT_HELP, console, fail
 from avlowshot.errors import AvlowshotError
 
+THREADS_HELP = (
+    "CPU threads (default: torch's, the number of cores). Recorded in run.json; the same seed gives the same "
+    "numbers at the same count, and --resume keeps it."
+)
+VERIFY_HELP = (
+    "Hash every byte of the feature files and rebuild the cache if any changed since it was built (reads them all; "
+    "the default key is size, mtime, inode and inode change time)."
+)
+
 
 def _setup_logging(quiet: bool) -> None:
     """One plain line per epoch on stderr (readable in log files and CI, unlike a wrapped rich layout)."""
@@ -94,9 +103,14 @@ def register(app: typer.Typer) -> None:
         compat: str = typer.Option("none", help="none | official (reproduce the reference's quirks)."),
         cache_dir: Path = typer.Option(None, help="Feature cache folder (default: the user cache)."),
         rebuild_cache: bool = typer.Option(False, help="Rebuild the feature cache."),
+        verify_cache: bool = typer.Option(False, help=VERIFY_HELP),
+        threads: int = typer.Option(None, help=THREADS_HELP),
         quiet: bool = typer.Option(False, help="Only warnings and the final table."),
     ) -> None:
         """Train stage 1, retrain stage 2, test, and write result.json (or one part with --run)."""
+        from avlowshot.train.threads import pin_environment
+
+        pin_environment()  # before torch loads its thread pools
         from avlowshot.data.layouts import get_layout
         from avlowshot.models import registry
         from avlowshot.train import protocol
@@ -128,7 +142,9 @@ def register(app: typer.Typer) -> None:
                 device=device,
                 cache_dir=cache_dir,
                 rebuild_cache=rebuild_cache,
+                verify_cache=verify_cache,
                 progress=sys.stderr.isatty() and not quiet,
+                threads=threads,
             )
             result = protocol.run(spec, parts=run, resume=resume)
         except AvlowshotError as exc:
@@ -146,13 +162,21 @@ def register(app: typer.Typer) -> None:
         cache_dir: Path = typer.Option(None, help="Feature cache folder."),
         device: str = typer.Option("cpu", help="cpu | cuda"),
         write: bool = typer.Option(True, help="Rewrite result.json."),
+        verify_cache: bool = typer.Option(False, help=VERIFY_HELP),
+        threads: int = typer.Option(None, help="CPU threads (default: the count the run was trained with)."),
     ) -> None:
         """Re-evaluate the saved checkpoints of a run (beta on val, test with it) and rewrite result.json."""
+        from avlowshot.train.threads import pin_environment
+
+        pin_environment()
         from avlowshot.train import protocol
 
         _setup_logging(True)
         try:
-            result = protocol.evaluate_run(run_dir, root_dir=root_dir, cache_dir=cache_dir, device=device, write=write)
+            result = protocol.evaluate_run(
+                run_dir, root_dir=root_dir, cache_dir=cache_dir, device=device, write=write, threads=threads,
+                verify_cache=verify_cache,
+            )  # fmt: skip
         except AvlowshotError as exc:
             raise fail(exc) from None
         print_result(result)

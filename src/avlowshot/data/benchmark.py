@@ -276,6 +276,7 @@ def load_benchmark(
     shots: int | None = None,
     cache_dir: str | Path | None = None,
     rebuild_cache: bool = False,
+    verify_cache: bool = False,
 ) -> Benchmark:
     spec = get_layout(layout)
     dataset = check_dataset(dataset)
@@ -289,7 +290,7 @@ def load_benchmark(
     folder_shots = shots if spec.task == "gfsl" else None
     classes = read_class_table(spec, root, dataset, folder_shots)
     lists = read_class_lists(spec, root, classes, folder_shots)
-    store = open_store(spec, root, dataset, classes, folder_shots, cache_dir, rebuild_cache)
+    store = open_store(spec, root, dataset, classes, folder_shots, cache_dir, rebuild_cache, verify_cache)
     return Benchmark(spec, dataset, root, folder_shots, store, lists)
 
 
@@ -301,6 +302,7 @@ def open_store(
     shots: int | None,
     cache_dir: str | Path | None,
     rebuild: bool,
+    verify: bool = False,
 ) -> FeatureStore:
     cache_root = Path(cache_dir).resolve() if cache_dir is not None else cache_mod.default_cache_dir()
     if cache_root == root or root in cache_root.parents:
@@ -316,31 +318,25 @@ def open_store(
     key = cache_mod.inputs_key([spec.name, dataset, str(shots)], files, small)
     prefix = f"{dataset}-{spec.name}{f'-{shots}shot' if shots else ''}-"
     target = cache_root / f"{prefix}{key[:20]}"
-    if rebuild and target.exists():
-        import shutil
 
-        shutil.rmtree(target)
-    steps = (spec.audio.step_seconds, spec.video.step_seconds)
-    opened = cache_mod.open_cache(target, spec.temporal, steps)
-    if opened is None:
-        writer = None
-        try:
-            writer = cache_mod.CacheWriter(target)
-            for folder, cid, vids, audio, video in iter_samples(spec, root, classes, shots):
-                writer.add("audio", audio)
-                writer.add("video", video)
-                writer.add_samples(np.full(len(vids), cid), list(spec.folders).index(folder), vids)
-            writer.commit({"root": str(root), "layout": spec.name, "dataset": dataset, "shots": shots, "key": key})
-        except BaseException as exc:
-            if writer is not None:
-                writer.abort()
-            if is_disk_full(exc):  # the cache holds about as many bytes as the class files
-                raise disk_full(
-                    cache_root, sum(f.stat().st_size for f in files), f"the feature cache {target.name}"
-                ) from None
-            raise
-        cache_mod.remove_stale(cache_root, prefix, target.name, str(root))
-        opened = cache_mod.open_cache(target, spec.temporal, steps)
+    def fill(writer: cache_mod.CacheWriter) -> dict:
+        for folder, cid, vids, audio, video in iter_samples(spec, root, classes, shots):
+            writer.add("audio", audio)
+            writer.add("video", video)
+            writer.add_samples(np.full(len(vids), cid), list(spec.folders).index(folder), vids)
+        return {"root": str(root), "layout": spec.name, "dataset": dataset, "shots": shots, "key": key}
+
+    try:
+        opened = cache_mod.open_or_build(
+            target, temporal=spec.temporal, steps=(spec.audio.step_seconds, spec.video.step_seconds), files=files,
+            fill=fill, rebuild=rebuild, verify=verify, stale_prefix=prefix, root=str(root),
+        )  # fmt: skip
+    except OSError as exc:
+        if is_disk_full(exc):  # the cache holds about as many bytes as the class files
+            raise disk_full(
+                cache_root, sum(f.stat().st_size for f in files), f"the feature cache {target.name}"
+            ) from None
+        raise DataError(f"cannot open or build the feature cache ({exc})", path=target, key="cache-dir") from None
     return FeatureStore(
         audio=opened["audio"],
         video=opened["video"],

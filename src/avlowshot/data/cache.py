@@ -3,18 +3,33 @@
 One folder per (dataset root, layout, shots, input fingerprint): ``audio.bin`` / ``video.bin`` (raw rows, dtype as
 stored), offsets, labels, split-folder codes, video ids and ``meta.json``. It is built in a temporary folder and
 renamed into place only when complete, so a half-built cache can never be opened; its name carries a hash of the
-inputs and of the code version, so a stale cache is never loaded. Reopening costs a directory scan, a few small
-reads per input file and a memory map: well under a second, and no feature bytes are read until a batch needs them.
+inputs and of the code version, so a stale cache is never loaded. Reopening costs a directory scan, one ``stat``
+per input file and a memory map: well under a second, and no feature bytes are read until a batch needs them.
+
+**What "the inputs changed" means** (see ``docs/cache.md``): the key holds, for every feature file, its size, its
+modification time, its inode number and its inode change time (``st_ctime``). Tools can put a modification time back
+(``touch -d``, ``tar``, ``rsync -t``, ``os.utime``) but not the change time: the kernel sets it on every write,
+rename and ``utime``, so an edit of any byte, even with the old size and mtime restored, gives a new key and a
+rebuild. Copying or restoring the files (new inodes) also rebuilds. ``--verify-cache`` goes further: it hashes every
+byte of every input and compares with the hashes recorded when the cache was built.
+
+**Temporary folders**: a build writes into ``.<name>.tmp-<id>`` and holds an exclusive ``flock`` on it until the
+rename; any later open removes the temporary folders whose lock is free (their builder died), so a killed build
+leaves nothing behind for good. A rebuild (``--rebuild-cache``) first renames the old folder away, and opening
+reads every file through one directory handle and treats a folder that vanishes half-way as "no cache", so a
+process that opens the cache while another rebuilds it builds or waits, it never crashes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
-import socket
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +39,16 @@ import torch
 from avlowshot import __version__
 from avlowshot.data.store import Modality
 
-CACHE_FORMAT = 1
-_PROBE = 16 * 1024  # bytes hashed at the head and at the tail of every input file
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not on Linux / macOS: temporary folders are removed by age instead
+    fcntl = None
+
+log = logging.getLogger("avlowshot.data")
+
+CACHE_FORMAT = 2  # 2: stat key with inode and ctime, content hashes in meta.json
+_ORPHAN_AGE = 600.0  # seconds after which an unlocked ".new-" folder (a build killed before it began) is removed
+_CHUNK = 1 << 20
 
 
 def default_cache_dir() -> Path:
@@ -33,57 +56,47 @@ def default_cache_dir() -> Path:
     return Path(env) if env else Path(platformdirs.user_cache_dir("avlowshot"))
 
 
-def file_fingerprint(path: Path, full: bool = False) -> str:
-    """Content hash of a file: all of it when ``full`` (small files), else size + mtime + head and tail bytes."""
-    h = hashlib.blake2b(digest_size=16)
+def stat_fingerprint(path: Path) -> str:
+    """Size, mtime, inode and inode change time: what changes on any write, even with the mtime put back."""
     st = path.stat()
-    h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{st.st_ctime_ns}"
+
+
+def content_hash(path: Path) -> str:
+    """BLAKE2b of every byte of the file."""
+    h = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as fh:
-        if full or st.st_size <= 2 * _PROBE:
-            h.update(fh.read())
-        else:
-            h.update(fh.read(_PROBE))
-            fh.seek(-_PROBE, os.SEEK_END)
-            h.update(fh.read(_PROBE))
+        while chunk := fh.read(_CHUNK):
+            h.update(chunk)
     return h.hexdigest()
 
 
+def _rel(f: Path) -> str:
+    return f"{f.parent.parent.name}/{f.parent.name}/{f.name}"
+
+
 def inputs_key(parts: list[str], files: list[Path], small_files: list[Path]) -> str:
+    """The cache key: the layout parts, the bytes of the small files and the stat fingerprint of every feature
+    file."""
     h = hashlib.sha256()
     h.update(f"avlowshot {__version__} cache {CACHE_FORMAT}\n".encode())
     for p in parts:
         h.update(p.encode() + b"\n")
     for f in small_files:
-        h.update(f"{f.name}={file_fingerprint(f, full=True)}\n".encode())
+        h.update(f"{f.name}={content_hash(f)}\n".encode())
     for f in files:
-        h.update(f"{f.parent.parent.name}/{f.parent.name}/{f.name}={file_fingerprint(f)}\n".encode())
+        h.update(f"{_rel(f)}={stat_fingerprint(f)}\n".encode())
     return h.hexdigest()
 
 
-OWNER_FILE = "owner.json"
+def content_hashes(files: list[Path]) -> dict[str, str]:
+    return {_rel(f): content_hash(f) for f in files}
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists, owned by someone else
-        return True
-    return True
-
-
-def remove_abandoned(final_dir: Path) -> None:
-    """Delete half-built copies of this cache left by a killed process of this machine (they are never opened, but
-    hold up to the whole cache's size)."""
-    for d in final_dir.parent.glob(f".{final_dir.name}.tmp-*"):
-        try:
-            owner = json.loads((d / OWNER_FILE).read_text())
-        except (OSError, ValueError):
-            continue
-        pid = owner.get("pid") if isinstance(owner, dict) else None
-        if isinstance(pid, int) and pid > 0 and owner.get("host") == socket.gethostname() and not _alive(pid):
-            shutil.rmtree(d, ignore_errors=True)
+def verify_contents(meta: dict, files: list[Path]) -> list[str]:
+    """The input files whose bytes differ from those the cache was built from (every byte is hashed)."""
+    recorded = meta.get("content") or {}
+    return [_rel(f) for f in files if recorded.get(_rel(f)) != content_hash(f)]
 
 
 class CacheWriter:
@@ -92,10 +105,13 @@ class CacheWriter:
     def __init__(self, final_dir: Path):
         self.final_dir = final_dir
         final_dir.parent.mkdir(parents=True, exist_ok=True)
-        remove_abandoned(final_dir)
-        self.tmp_dir = final_dir.with_name(f".{final_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
-        self.tmp_dir.mkdir()
-        (self.tmp_dir / OWNER_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+        uid = uuid.uuid4().hex[:8]
+        # locked under a name the cleaner leaves alone, then renamed: a ".tmp-" folder is locked from its first moment
+        pending = final_dir.with_name(f".{final_dir.name}.new-{uid}")
+        pending.mkdir()
+        self._lock = _lock_dir(pending)
+        self.tmp_dir = final_dir.with_name(f".{final_dir.name}.tmp-{uid}")
+        os.rename(pending, self.tmp_dir)
         self._files = {m: open(self.tmp_dir / f"{m}.bin", "wb") for m in ("audio", "video")}
         self._rows = {"audio": [0], "video": [0]}
         self._dtype: dict[str, str] = {}
@@ -134,41 +150,187 @@ class CacheWriter:
         np.save(self.tmp_dir / "video_ids.npy", np.asarray(self.video_ids, dtype=str))
         meta = {**meta, "dtype": self._dtype, "dim": self._dim, "n": len(self.video_ids), "complete": True}
         (self.tmp_dir / "meta.json").write_text(json.dumps(meta, indent=1))
-        (self.tmp_dir / OWNER_FILE).unlink()
         try:
             os.rename(self.tmp_dir, self.final_dir)
         except OSError:  # another process finished the same cache first: keep theirs
             shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        finally:
+            _unlock(self._lock)
 
     def abort(self) -> None:
         for f in self._files.values():
             f.close()
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        _unlock(self._lock)
+
+
+def _lock_dir(path: Path) -> int | None:
+    if fcntl is None:
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def _unlock(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)  # closing releases the flock
+
+
+def remove_dead_temps(cache_root: Path) -> list[str]:
+    """Remove the temporary folders of builds that died (their lock is free) and leftovers of rebuilds; returns
+    their names. A folder whose builder is alive is locked and kept."""
+    removed = []
+    try:
+        entries = list(os.scandir(cache_root))
+    except FileNotFoundError:
+        return removed
+    now = time.time()
+    for e in entries:
+        name = e.name
+        if not name.startswith(".") or not e.is_dir(follow_symlinks=False):
+            continue
+        if ".trash-" in name:
+            shutil.rmtree(e.path, ignore_errors=True)
+        elif ".new-" in name:
+            try:
+                old = now - e.stat(follow_symlinks=False).st_mtime > _ORPHAN_AGE
+            except FileNotFoundError:
+                continue
+            if old:
+                shutil.rmtree(e.path, ignore_errors=True)
+        elif ".tmp-" in name:
+            if fcntl is None:
+                if now - e.stat(follow_symlinks=False).st_mtime > 86400:
+                    shutil.rmtree(e.path, ignore_errors=True)
+                continue
+            try:
+                fd = os.open(e.path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # a live build
+                os.close(fd)
+                continue
+            try:
+                shutil.rmtree(e.path, ignore_errors=True)
+            finally:
+                os.close(fd)
+        else:
+            continue
+        removed.append(name)
+    if removed:
+        log.info("removed %d leftover cache folder(s) of interrupted builds: %s", len(removed), ", ".join(removed))
+    return removed
+
+
+def discard(cache_dir: Path) -> None:
+    """Remove a cache folder so that processes which have it open (memory maps, open handles) keep working: it is
+    renamed away first (atomic), then deleted."""
+    trash = cache_dir.with_name(f".{cache_dir.name}.trash-{uuid.uuid4().hex[:8]}")
+    try:
+        os.rename(cache_dir, trash)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def open_cache(cache_dir: Path, temporal: bool, steps: tuple[float, float]) -> dict | None:
-    """Memory-map a complete cache folder; None when there is none."""
-    meta_file = cache_dir / "meta.json"
-    if not meta_file.exists():
+    """Memory-map a complete cache folder; None when there is none (or it vanished or is damaged: rebuild).
+
+    Every file is opened through one handle on the folder, so a concurrent rebuild that renames the folder away
+    cannot mix two caches; a file deleted before it was opened makes this None, never an exception."""
+    try:
+        dfd = os.open(cache_dir, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except (FileNotFoundError, NotADirectoryError):
         return None
-    meta = json.loads(meta_file.read_text())
-    if not meta.get("complete"):
+
+    def at(name: str):
+        return open(name, "rb", opener=lambda p, flags: os.open(p, flags, dir_fd=dfd))
+
+    try:
+        with at("meta.json") as fh:
+            meta = json.load(fh)
+        if not meta.get("complete"):
+            return None
+        mods = {}
+        for m, step in zip(("audio", "video"), steps, strict=True):
+            with at(f"{m}_offsets.npy") as fh:
+                offsets = np.load(fh)
+            dtype = np.dtype(meta["dtype"][m])
+            with at(f"{m}.bin") as fh:
+                # mode "c": copy-on-write, so torch gets a writable view while the file is never modified
+                data = np.memmap(fh, dtype=dtype, mode="c", shape=(int(offsets[-1]), meta["dim"][m]))
+            mods[m] = Modality(torch.from_numpy(data), torch.from_numpy(offsets) if temporal else None, step)
+        arrays = {}
+        for name in ("labels", "folder", "video_ids"):
+            with at(f"{name}.npy") as fh:
+                arrays[name] = np.load(fh)
+    except (FileNotFoundError, ValueError, KeyError, TypeError, OSError) as exc:
+        log.warning("cache %s is incomplete or vanished (%s): it is rebuilt", cache_dir, exc)
         return None
-    mods = {}
-    for m, step in zip(("audio", "video"), steps, strict=True):
-        offsets = np.load(cache_dir / f"{m}_offsets.npy")
-        dtype = np.dtype(meta["dtype"][m])
-        # mode "c": copy-on-write, so torch gets a writable view while the file is never modified
-        data = np.memmap(cache_dir / f"{m}.bin", dtype=dtype, mode="c", shape=(int(offsets[-1]), meta["dim"][m]))
-        mods[m] = Modality(torch.from_numpy(data), torch.from_numpy(offsets) if temporal else None, step)
+    finally:
+        os.close(dfd)
     return {
         "meta": meta,
         "audio": mods["audio"],
         "video": mods["video"],
-        "labels": torch.from_numpy(np.load(cache_dir / "labels.npy")),
-        "folder": np.load(cache_dir / "folder.npy"),
-        "video_ids": np.load(cache_dir / "video_ids.npy"),
+        "labels": torch.from_numpy(arrays["labels"]),
+        "folder": arrays["folder"],
+        "video_ids": arrays["video_ids"],
     }
+
+
+def open_or_build(
+    target: Path,
+    *,
+    temporal: bool,
+    steps: tuple[float, float],
+    files: list[Path],
+    fill: Callable[[CacheWriter], dict],
+    rebuild: bool = False,
+    verify: bool = False,
+    stale_prefix: str | None = None,
+    root: str | None = None,
+) -> dict:
+    """Open the cache folder ``target``, building it first when it is missing (``fill`` writes the samples into the
+    writer and returns the meta fields). ``rebuild``: discard an existing one first. ``verify``: hash every byte of
+    ``files`` and rebuild when any differs from the hashes recorded at build time. Older caches of the same root
+    (``stale_prefix``) are removed after a build."""
+    remove_dead_temps(target.parent)
+    if rebuild:
+        discard(target)
+    built = False
+    for _ in range(3):  # a concurrent --rebuild-cache may take the folder away between build and open
+        opened = open_cache(target, temporal, steps)
+        if opened is not None and verify and not built:
+            changed = verify_contents(opened["meta"], files)
+            if changed:
+                more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+                log.warning(
+                    "--verify-cache: %s changed since the cache was built (same size, mtime and inode change time "
+                    "would not have shown it): rebuilding", ", ".join(changed[:3]) + more,
+                )  # fmt: skip
+                discard(target)
+                opened = None
+            else:
+                log.info("--verify-cache: every byte of %d feature files matches the cache", len(files))
+        if opened is not None:
+            return opened
+        content = content_hashes(files)  # before reading: a file that changes during the build changes the key
+        writer = CacheWriter(target)
+        try:
+            meta = fill(writer)
+        except BaseException:
+            writer.abort()
+            raise
+        writer.commit({**meta, "content": content})
+        built = True
+        if stale_prefix is not None and root is not None:
+            remove_stale(target.parent, stale_prefix, target.name, root)
+    raise OSError(f"{target}: the cache folder vanished three times while it was opened (is another process "
+                  "rebuilding it in a loop?)")  # fmt: skip
 
 
 def remove_stale(cache_dir: Path, prefix: str, keep: str, root: str) -> None:
@@ -182,4 +344,4 @@ def remove_stale(cache_dir: Path, prefix: str, keep: str, root: str) -> None:
             except (OSError, ValueError):
                 continue
             if meta.get("root") == root:
-                shutil.rmtree(d, ignore_errors=True)
+                discard(d)

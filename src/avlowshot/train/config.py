@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import re
+import reprlib
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -31,7 +33,23 @@ log = logging.getLogger("avlowshot.train")
 
 
 class _Loader(yaml.SafeLoader):
-    pass
+    def construct_mapping(self, node, deep=False):
+        """A key given twice in one mapping is an error (PyYAML keeps the last one silently). Keys merged in with
+        ``<<`` may be overridden, as YAML intends."""
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while reading a mapping", node.start_mark,
+                        f"the key {_echo(key)} is given twice (first at line {seen[key].line + 1}); keep one",
+                        key_node.start_mark,
+                    )  # fmt: skip
+                seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
 
 
 _FLOAT = re.compile(
@@ -45,6 +63,23 @@ _FLOAT = re.compile(
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxtuple, _REPR.maxset = 3, 4, 4, 4, 4
+_REPR.maxstring, _REPR.maxother, _REPR.maxlong = 60, 60, 40
+MAX_CONFIG_BYTES = 1 << 20  # a config is a page of YAML; a bigger file is not one
+MAX_ERRORS = 10  # lines of an "invalid config" message
+
+
+def _echo(value: Any) -> str:
+    """A bounded repr of a value from a config: the work and the length stay small even for a value built by YAML
+    aliases into billions of elements or an int of a million digits."""
+    try:
+        text = _REPR.repr(value)
+    except Exception:  # noqa: BLE001 - a repr must never fail an error message
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
 def yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
@@ -56,10 +91,18 @@ def yaml_dump(data: Any) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# Bounds that no real run comes near and that keep a hostile config from allocating an epoch plan of terabytes
+MAX_SEED = 2**64 - 1  # what torch.manual_seed takes
+MAX_EPOCHS = 100_000
+MAX_BATCH = 1 << 20
+MAX_BATCHES = 1_000_000
+MAX_EPOCH_SAMPLES = 1 << 27  # n_batches x batch_size: the indices of one epoch are drawn at once (1 GiB of int64)
+
+
 class RunConfig(BaseModel):
     """Everything that decides the numbers of a run, except the data (layout, dataset, shots) and the seed's role."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True, allow_inf_nan=False)
 
     method: str = Field(description="registered method name, e.g. avca")
     variant: str | None = Field(
@@ -67,19 +110,25 @@ class RunConfig(BaseModel):
     )
     dataset: str | None = Field(None, description="benchmark the config was made for (checked against the run)")
     feature_set: str | None = Field(None, description="cls | main | clipclap (checked against the layout)")
-    seed: int = Field(42, description="seed of model init, dropout and sampling (--seed overrides)")
-    epochs: int = Field(50, ge=0, description="stage-1 epochs (0: no training, the initial model is evaluated)")
+    seed: int = Field(
+        42, ge=0, le=MAX_SEED, description="seed of model init, dropout and sampling (--seed overrides); 0 to 2**64-1"
+    )
+    epochs: int = Field(
+        50, ge=0, le=MAX_EPOCHS, description="stage-1 epochs (0: no training, the initial model is evaluated)"
+    )
     substage_epochs: dict[str, int] = Field(
         default_factory=dict,
         description="stage-1 epochs of the later substages of curriculum methods (AV-DIFF: full); the first "
         "substage trains 'epochs'. --set substage_epochs.full=20",
     )
-    lr: float = Field(1e-3, gt=0)
-    batch_size: int = Field(256, ge=1)
-    n_batches: int = Field(500, ge=1, description="batches per epoch (class-balanced, with replacement)")
-    weight_decay: float = Field(1e-5, ge=0, description="Adam L2 weight decay (coupled)")
+    lr: float = Field(1e-3, gt=0, le=1e3)
+    batch_size: int = Field(256, ge=1, le=MAX_BATCH)
+    n_batches: int = Field(
+        500, ge=1, le=MAX_BATCHES, description="batches per epoch (class-balanced, with replacement)"
+    )
+    weight_decay: float = Field(1e-5, ge=0, le=1e3, description="Adam L2 weight decay (coupled)")
     lr_scheduler: bool = Field(True, description="ReduceLROnPlateau('max') on the validation HM")
-    lr_patience: int = Field(3, ge=0)
+    lr_patience: int = Field(3, ge=0, le=MAX_EPOCHS)
     lr_factor: float = Field(0.1, gt=0, lt=1)
     beta_grid: str = Field("avca", description="calibrated-stacking grid searched on validation (metrics.beta_grid)")
     beta_from: Literal["best", "last"] = Field(
@@ -91,7 +140,7 @@ class RunConfig(BaseModel):
         "scheduler on the stage-1 val HM (AVCA/TCAF/ClipClap) or replay stage-1 drops (AV-DIFF). "
         "The default mode always replays the stage-1 drops.",
     )
-    eval_batch_size: int = Field(1024, ge=1)
+    eval_batch_size: int = Field(1024, ge=1, le=MAX_BATCH)
     prefetch: Literal["auto", "always", "never"] = Field(
         "auto",
         description="gather the next training batch on a thread while this one trains; auto: on when the features "
@@ -125,18 +174,27 @@ def _fmt_loc(loc: tuple) -> str:
 
 def _raise_validation(exc: ValidationError, source: str, overrides: dict[str, str], prefix: str = "") -> None:
     lines = []
-    for err in exc.errors():
+    errors = exc.errors()
+    unknown = False
+    for err in errors[:MAX_ERRORS]:
         key = prefix + _fmt_loc(err["loc"])
         where = f"--set {key}={overrides[key]}" if key in overrides else source
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
-            if not prefix:
-                msg += f" (known: {', '.join(TOP_LEVEL_KEYS)})"
+            unknown = unknown or not prefix
         elif "input" in err and err["type"] != "missing":
-            msg += f", got {err['input']!r} ({type(err['input']).__name__})"
-        lines.append(f"{where}: '{key}': {msg}")
+            msg += f", got {_echo(err['input'])} ({type(err['input']).__name__})"
+        lines.append(f"{where}: '{_echo_key(key)}': {msg}")
+    if len(errors) > MAX_ERRORS:
+        lines.append(f"... and {len(errors) - MAX_ERRORS} more")
+    if unknown:
+        lines.append(f"(known keys: {', '.join(TOP_LEVEL_KEYS)})")
     raise ConfigError("invalid config\n  " + "\n  ".join(lines)) from None
+
+
+def _echo_key(key: str) -> str:
+    return key if len(key) <= 80 else key[:77] + "..."
 
 
 def parse_override(item: str) -> tuple[str, Any, str]:
@@ -149,8 +207,9 @@ def parse_override(item: str) -> tuple[str, Any, str]:
         raise ConfigError(f"--set {item}: empty key")
     try:
         value = yaml_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {item}: value is not a YAML scalar ({exc})") from None
+    except (yaml.YAMLError, ValueError, RecursionError, OverflowError) as exc:
+        problem = str(getattr(exc, "problem", None) or exc)
+        raise ConfigError(f"--set {_echo_key(item)}: value is not a YAML scalar ({_echo(problem)})") from None
     return key, value, raw
 
 
@@ -191,6 +250,9 @@ def apply_overrides(raw: dict, items: list[str] | tuple[str, ...]) -> dict[str, 
 
 def read_yaml(path: Path) -> dict:
     try:
+        size = Path(path).stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {size} bytes is not a config (at most {MAX_CONFIG_BYTES}); pass a YAML config")
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
@@ -201,7 +263,11 @@ def read_yaml(path: Path) -> dict:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        raise ConfigError(f"{path}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+        problem = str(getattr(exc, "problem", None) or exc)
+        problem = problem if len(problem) <= 300 else problem[:297] + "..."
+        raise ConfigError(f"{path}: not valid YAML{at}: {problem}") from None
+    except (ValueError, RecursionError, OverflowError) as exc:  # e.g. an int of more than 4300 digits, deep nesting
+        raise ConfigError(f"{path}: not a config ({type(exc).__name__}: {_echo(str(exc))})") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -249,8 +315,36 @@ def validate_config(
             f"{where}: 'epochs': method '{cfg.method}' has no trainable parameters: it runs zero-epoch stages "
             f"(set epochs: 0)"
         )
+    _check_finite(cfg, source, overrides)
+    _check_epoch_size(cfg, source)
     _check_substage_epochs(cfg, source, overrides)
     return cfg
+
+
+def _check_finite(cfg: RunConfig, source: str, overrides: dict[str, str]) -> None:
+    """No inf / nan anywhere (the top level refuses them itself; method schemas may not)."""
+
+    def walk(value: Any, key: str) -> None:
+        if isinstance(value, float) and not math.isfinite(value):
+            where = f"--set {key}={overrides[key]}" if key in overrides else source
+            raise ConfigError(f"{where}: '{key}': must be a finite number, got {value}")
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{key}.{k}")
+        elif isinstance(value, list | tuple):
+            for v in value:
+                walk(v, key)
+
+    walk(cfg.model, "model")
+
+
+def _check_epoch_size(cfg: RunConfig, source: str) -> None:
+    samples = cfg.n_batches * cfg.batch_size
+    if samples > MAX_EPOCH_SAMPLES:
+        raise ConfigError(
+            f"{source}: 'n_batches' x 'batch_size' = {cfg.n_batches} x {cfg.batch_size} = {samples} samples per "
+            f"epoch, more than {MAX_EPOCH_SAMPLES} (an epoch's draws are made at once); lower one of them"
+        )
 
 
 def _check_substage_epochs(cfg: RunConfig, source: str, overrides: dict[str, str]) -> None:
@@ -265,8 +359,8 @@ def _check_substage_epochs(cfg: RunConfig, source: str, overrides: dict[str, str
         if key not in known:
             have = f"known: {', '.join(known)}" if known else f"method '{cfg.method}' has no substages"
             raise ConfigError(f"{where}: '{dotted}': unknown substage ({have})")
-        if epochs < 1:
-            raise ConfigError(f"{where}: '{dotted}': must be >= 1, got {epochs}")
+        if not 1 <= epochs <= MAX_EPOCHS:
+            raise ConfigError(f"{where}: '{dotted}': must be >= 1 and <= {MAX_EPOCHS}, got {_echo(epochs)}")
 
 
 def shipped_config(method: str, dataset: str, feature_set: str, shots: int | None = None) -> Path:

@@ -3,7 +3,7 @@ record.
 
 Run directory ``<log-dir>/<method>_<dataset>_<layout>[_<k>shot]_seed<N>[_official]/``::
 
-    run.json          what was run: method, layout, dataset, root dir, shots, seed, compat, version
+    run.json          what was run: method, layout, dataset, root dir, shots, seed, compat, threads, version
     config.yaml       the resolved config (loadable with --config)
     stage-1/          checkpoints/epoch-NNN/ (latest + best), history.json, summary.json, TensorBoard events
     stage-2/          the same (GZSL); GFSL: stage-2/repeat-0/, repeat-1/, repeat-2/
@@ -44,6 +44,7 @@ from avlowshot import __version__
 from avlowshot.errors import AvlowshotError, CheckpointError, ConfigError
 from avlowshot.eval import metrics
 from avlowshot.train import checkpoint as ckpt
+from avlowshot.train import threads as threads_mod
 from avlowshot.train.config import COMPAT_MODES, RunConfig, config_diff, dump_config, read_yaml, validate_config
 from avlowshot.train.trainer import (
     EpochCallback,
@@ -103,7 +104,9 @@ class RunSpec:
     device: str = "cpu"
     cache_dir: Path | None = None
     rebuild_cache: bool = False
+    verify_cache: bool = False
     progress: bool = False
+    threads: int | None = None  # CPU threads (None: the run directory's recorded count, else the current one)
 
     @property
     def seed(self) -> int:
@@ -137,6 +140,7 @@ class RunContext:
             shots=info["shots"],
             cache_dir=load_kw.get("cache_dir"),
             rebuild_cache=load_kw.get("rebuild_cache", False),
+            verify_cache=load_kw.get("verify_cache", False),
         )
         from avlowshot.models import registry
 
@@ -304,6 +308,7 @@ def _prepare_run_dir(spec: RunSpec, parts: str, resume: bool) -> dict[str, Any]:
         "shots": spec.shots,
         "seed": spec.seed,
         "compat": spec.compat,
+        "threads": spec.threads,
         "version": __version__,
     }
     have_info = (run_dir / RUN_FILE).is_file()
@@ -312,6 +317,7 @@ def _prepare_run_dir(spec: RunSpec, parts: str, resume: bool) -> dict[str, Any]:
         for key in ("method", "layout", "dataset", "shots", "seed", "compat"):
             if old.get(key) != info[key]:
                 raise ConfigError(f"{run_dir / RUN_FILE}: '{key}' is {old.get(key)!r}, this run has {info[key]!r}")
+        info["threads"] = _recorded_threads(run_dir, old, spec.threads)
         diff = config_diff(old_cfg, spec.cfg)
         if diff:
             raise ConfigError(
@@ -330,6 +336,8 @@ def _prepare_run_dir(spec: RunSpec, parts: str, resume: bool) -> dict[str, Any]:
                 f"{run_dir}: the run directory already holds {', '.join(busy)}; pass --resume to continue it, "
                 f"--run eval to re-evaluate it, or choose another --log-dir"
             )
+    if info["threads"] is None:
+        info["threads"] = threads_mod.default_threads()
     return info
 
 
@@ -344,6 +352,27 @@ def _init_run_dir(spec: RunSpec, info: dict[str, Any]) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt.atomic_write_text(run_dir / CONFIG_FILE, dump_config(spec.cfg))
     ckpt.atomic_write_json(run_dir / RUN_FILE, {**info, "created": _now()})
+
+
+def _recorded_threads(run_dir: Path, old: dict[str, Any], asked: int | None) -> int | None:
+    """The thread count of a run directory: the one it was trained with. Another one would change the numbers (the
+    sums of floating-point reductions are split by thread), so asking for it is an error."""
+    recorded = old.get("threads")
+    if recorded is None:
+        log.warning(
+            "%s records no thread count (an older version made it): continuing with %s threads; the numbers may "
+            "differ from an uninterrupted run", run_dir / RUN_FILE, asked or threads_mod.default_threads(),
+        )  # fmt: skip
+        return asked
+    if asked is not None and asked != recorded:
+        raise ConfigError(
+            f"{run_dir / RUN_FILE}: this run was trained with {recorded} threads, --threads {asked} asks for "
+            f"another count, which changes the numbers (floating-point sums are split by thread); continue with "
+            f"--threads {recorded} (or without --threads), or start a new run in another --log-dir"
+        )
+    if asked is None and recorded != threads_mod.default_threads():
+        log.info("using the run's recorded %d threads", recorded)
+    return int(recorded)
 
 
 def _now() -> str:
@@ -749,6 +778,8 @@ def build_result(ctx: RunContext, run_dir: Path, evaluated: dict[str, Any]) -> d
         result["imported"] = {k: info["imported"].get(k) for k in ("from", "reference", "ref_dir", "stage_1_epoch")}
     result["timings"]["load_data"] = ctx.load_seconds
     result["device"] = str(ctx.device)
+    result["threads"] = info.get("threads")  # the training count (run.json)
+    result["eval_threads"] = torch.get_num_threads()
     result["host"] = platform.node()
     result["torch"] = torch.__version__
     result["root_dir"] = info["root_dir"]
@@ -786,10 +817,17 @@ def run(
 
     registry.check_method_layout(spec.method, spec.layout, spec.shots)
     resolve_device(spec.device)  # fail before touching the disk
+    threads_mod.check_threads(spec.threads)
     info = _prepare_run_dir(spec, parts, resume)
+    with threads_mod.pinned(info["threads"]):
+        return _run(spec, info, parts, resume, on_epoch_end, on_stage)
+
+
+def _run(spec: RunSpec, info: dict[str, Any], parts: str, resume: bool, on_epoch_end, on_stage):
     ctx = RunContext(
-        info, spec.cfg, spec.device, spec.progress, cache_dir=spec.cache_dir, rebuild_cache=spec.rebuild_cache
-    )
+        info, spec.cfg, spec.device, spec.progress, cache_dir=spec.cache_dir, rebuild_cache=spec.rebuild_cache,
+        verify_cache=spec.verify_cache,
+    )  # fmt: skip
     _init_run_dir(spec, info)
     run_dir = spec.run_dir
     log.info("run directory %s", run_dir)
@@ -817,17 +855,28 @@ def evaluate_run(
     cache_dir: str | Path | None = None,
     device: str = "cpu",
     write: bool = True,
+    threads: int | None = None,
+    verify_cache: bool = False,
 ) -> dict[str, Any]:
     """Rebuild the model from the run directory's config, re-run the beta search on val and the test, rewrite
-    ``result.json`` (timings of training are kept) and return it."""
+    ``result.json`` (timings of training are kept) and return it. ``threads``: default the run's recorded count."""
     run_dir = Path(run_dir)
+    threads_mod.check_threads(threads)
     info, cfg = load_run_info(run_dir)
     if root_dir is not None:
         info = {**info, "root_dir": str(Path(root_dir).resolve())}
     elif not Path(info["root_dir"]).is_dir():
         raise AvlowshotError(f"{run_dir / RUN_FILE}: dataset root {info['root_dir']} not found; pass --root-dir")
-    ctx = RunContext(info, cfg, device, cache_dir=cache_dir if cache_dir is not None else info.get("cache_dir"))
-    result = build_result(ctx, run_dir, evaluate_stages(ctx, run_dir))
+    recorded = info.get("threads")
+    if threads is not None and recorded is not None and threads != recorded:
+        log.warning("evaluating with %d threads; the run was trained with %d (the last digits may differ)", threads,
+                    recorded)  # fmt: skip
+    with threads_mod.pinned(threads if threads is not None else recorded):
+        ctx = RunContext(
+            info, cfg, device, cache_dir=cache_dir if cache_dir is not None else info.get("cache_dir"),
+            verify_cache=verify_cache,
+        )  # fmt: skip
+        result = build_result(ctx, run_dir, evaluate_stages(ctx, run_dir))
     if write:
         ckpt.remove_leftovers(run_dir)
         write_result(run_dir, result)
