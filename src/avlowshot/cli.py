@@ -9,7 +9,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from avlowshot import __version__
-from avlowshot.cli_common import DATASET_HELP, LAYOUT_HELP, console, err_console, fail
+from avlowshot.cli_common import DATASET_HELP, LAYOUT_HELP, console, err_console, fail, styled
 from avlowshot.errors import AvlowshotError
 
 app = typer.Typer(
@@ -86,13 +86,14 @@ def check_data(
     for name, n_cls, n_vid, n_rows in report.folders:
         folders.add_row(name, str(n_cls), str(n_vid), str(n_rows))
     console.print(folders)
-    splits = Table(title=f"{report.protocol.task.upper()} protocol" + (f", {shots} shots" if shots else ""))
+    shots_note = f", {report.shots} shots" if report.shots else ""
+    splits = Table(title=f"{report.protocol.task.upper()} protocol{shots_note}")
     for col in ("split", "classes", "videos"):
         splits.add_column(col, justify="left" if col == "split" else "right")
     for name, n_cls, n_vid in report.protocol.describe():
         splits.add_row(name, str(n_cls), str(n_vid))
     console.print(splits)
-    console.print("[green]ok[/]: every file read, every check passed")
+    console.print(styled("ok", "green") + ": every file read, every check passed")
 
 
 from avlowshot import cli_bench, cli_extract, cli_run  # noqa: E402 - these commands need ``app``

@@ -9,7 +9,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Table
 from rich.text import Text
 
-from avlowshot.cli_common import console, err_console, fail
+from avlowshot.cli_common import console, err_console, fail, styled
 from avlowshot.errors import AvlowshotError, DataError, WeightsError
 
 ENCODER_HELP = "w2v | clip | clap | clip+clap | minilm"
@@ -101,7 +101,7 @@ def register(app: typer.Typer) -> None:
                 f"videos/s), {report.skipped} already done, {len(report.failed)} failed"
             )
             for vid, err in report.failed[:5]:
-                err_console.print(f"[yellow]failed[/] {vid}: {err.splitlines()[0]}", highlight=False)
+                err_console.print(styled("failed", "yellow"), f"{vid}: {err.splitlines()[0]}", highlight=False)
             if report.failed:
                 err_console.print(f"every failure: {report.failed_log}", highlight=False)
             if n > 1:
@@ -232,7 +232,5 @@ def _encoder(name: str, text_weights: Path | None, weights: Path | None, option:
     if text_weights is None and weights is not None and name in ("clip", "clap", "clip+clap"):
         text_weights = weights if name == "clip+clap" else weights / name
     if text_weights is None and name != "minilm":
-        raise WeightsError(
-            f"the {name} text encoder needs its weights", fix=f"pass --text-weights: {TEXT_WEIGHTS_HELP}"
-        )
+        raise WeightsError(f"the {name} text encoder needs its weights", fix=f"pass {option}: {TEXT_WEIGHTS_HELP}")
     return build_text_encoder(name, text_weights)

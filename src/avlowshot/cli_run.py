@@ -10,7 +10,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from avlowshot.cli_common import DATASET_HELP, LAYOUT_HELP, console, fail
+from avlowshot.cli_common import DATASET_HELP, LAYOUT_HELP, console, err_console, fail
 from avlowshot.errors import AvlowshotError
 
 
@@ -63,6 +63,39 @@ def metrics_table(result: dict[str, Any]) -> Table:
     return table
 
 
+def interrupted(run_dir: Path, progress: list[tuple[str, int]]) -> typer.Exit:
+    """Ctrl-C: say where the run stopped and the command that continues it; exit code 130."""
+    import click
+
+    if not progress:
+        err_console.print(f"interrupted before the first finished epoch of {run_dir}: nothing to resume; run the "
+                          "same command again", highlight=False, soft_wrap=True)  # fmt: skip
+        return typer.Exit(130)
+    where = ", ".join(f"{stage} after epoch {epoch + 1}" for stage, epoch in progress)
+    err_console.print(f"interrupted: {run_dir}: {where} finished", highlight=False, soft_wrap=True)
+    err_console.print(f"continue with: {_resume_command(click.get_current_context())}", highlight=False,
+                      soft_wrap=True)  # fmt: skip
+    return typer.Exit(130)
+
+
+def _resume_command(ctx) -> str:
+    """The command line of this invocation (from its parsed options) with --resume."""
+    import shlex
+
+    words = ["avlowshot", ctx.info_name or "run"]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if param.name == "resume" or value is None or value == param.default or not param.opts:
+            continue
+        opt = max(param.opts, key=len)
+        if param.is_flag:
+            words.append(opt)
+            continue
+        for v in value if isinstance(value, list | tuple) else [value]:
+            words += [opt, str(v)]
+    return shlex.join(words + ["--resume"])
+
+
 def register(app: typer.Typer) -> None:
     """Add ``run``, ``evaluate`` and ``report`` to ``app``."""
 
@@ -86,13 +119,16 @@ def register(app: typer.Typer) -> None:
         quiet: bool = typer.Option(False, help="Only warnings and the final table."),
     ) -> None:
         """Train stage 1, retrain stage 2, test, and write result.json (or one part with --run)."""
-        from avlowshot.data.layouts import get_layout
+        from avlowshot.data.layouts import check_dataset, declared_text_dim, get_layout, infer_shots
         from avlowshot.train import protocol
         from avlowshot.train.config import load_config
 
         _setup_logging(quiet)
+        spec = None
         try:
             spec_layout = get_layout(layout)
+            check_dataset(dataset)
+            shots = infer_shots(spec_layout, root_dir, shots)
             cfg = load_config(
                 config,
                 method=method,
@@ -101,6 +137,7 @@ def register(app: typer.Typer) -> None:
                 overrides=set_,
                 seed=seed,
                 shots=shots,
+                text_dim=declared_text_dim(layout, root_dir, dataset, shots),
             )
             spec = protocol.RunSpec(
                 method=method,
@@ -119,6 +156,10 @@ def register(app: typer.Typer) -> None:
             result = protocol.run(spec, parts=run, resume=resume)
         except AvlowshotError as exc:
             raise fail(exc) from None
+        except KeyboardInterrupt:
+            if spec is None:
+                raise typer.Exit(130) from None
+            raise interrupted(spec.run_dir, protocol.run_progress(spec.run_dir)) from None
         if result is not None:
             print_result(result)
             console.print(f"result: {spec.run_dir / protocol.RESULT_FILE}")

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from avlowshot.data.benchmark import iter_samples, read_class_lists, read_class_table
-from avlowshot.data.layouts import check_dataset, declared_spec, get_layout
+from avlowshot.data.layouts import check_dataset, declared_spec, get_layout, infer_shots
 from avlowshot.data.splits import SHOT_CHOICES, Protocol, avdiff_protocol, derive_gfsl, gzsl_protocol
 from avlowshot.data.store import FeatureStore, Modality
 from avlowshot.errors import DataError
@@ -18,6 +18,7 @@ from avlowshot.errors import DataError
 @dataclass
 class CheckReport:
     layout: str
+    shots: int | None
     dataset: str
     root: Path
     n_classes: int
@@ -32,6 +33,7 @@ def check_root(layout: str, root_dir: str | Path, dataset: str, shots: int | Non
     root = Path(root_dir)
     if not root.is_dir():
         raise DataError("dataset root not found", path=root, fix="--root-dir must be the unpacked dataset folder")
+    shots = infer_shots(spec, root, shots)
     spec = declared_spec(spec, root, dataset, shots if spec.task == "gfsl" else None)
     if shots is not None and shots not in SHOT_CHOICES:
         raise DataError(f"--shots {shots} is not a benchmark setting", key="shots", fix=f"use one of {SHOT_CHOICES}")
@@ -81,4 +83,4 @@ def check_root(layout: str, root_dir: str | Path, dataset: str, shots: int | Non
         if shots is not None:
             protocol = derive_gfsl(store, protocol, shots)
     folders = [(f, *rows[f]) for f in spec.folders]
-    return CheckReport(spec.name, dataset, root, len(classes), folders, protocol)
+    return CheckReport(spec.name, shots, dataset, root, len(classes), folders, protocol)

@@ -73,6 +73,8 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
     needs_label_space: ClassVar[bool] = False
     """The method has a classifier over a fixed label space: it is built with ``classes=`` (global ids of the
     stage's classes) and :meth:`encode_classes` gets ``class_ids`` of the split's classes."""
+    # model keys whose published value is the class-text dim (word2vec's 300); they follow a dataset of one's own
+    text_dim_keys: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def curriculum(cls, cfg, compat: str = "none") -> list[Substage] | None:

@@ -95,6 +95,7 @@ class TCAF(Method):
     needs_negatives: ClassVar[bool] = False
     needs_class_table: ClassVar[bool] = True  # the trainer passes class_text / class_ids of the training split
     config_class: ClassVar[type[BaseModel]] = TCAFConfig
+    text_dim_keys: ClassVar[tuple[str, ...]] = ("transformer_dim",)  # rec_loss: D_o outputs the class text
 
     config: TCAFConfig
 

@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -271,6 +272,12 @@ def _prepare_run_dir(spec: RunSpec, parts: str, resume: bool) -> dict[str, Any]:
         "version": __version__,
     }
     have_info = (run_dir / RUN_FILE).is_file()
+    if have_info and not (run_dir / RESULT_FILE).is_file() and not run_progress(run_dir):
+        # nothing was trained with the old settings: the corrected command takes the folder over
+        have_info = False
+        for stage in ("stage-1", "stage-2"):
+            if (run_dir / stage).is_dir():
+                shutil.rmtree(run_dir / stage)
     if have_info:
         old = _read_json(run_dir / RUN_FILE)
         for key in ("method", "layout", "dataset", "shots", "seed", "compat"):
@@ -693,6 +700,31 @@ def run(
     if spec.cfg.method != spec.method:
         raise ConfigError(f"config is for method '{spec.cfg.method}', the run asks for '{spec.method}'")
     resolve_device(spec.device)  # fail before touching the disk
+    from avlowshot.data.benchmark import preflight
+
+    preflight(spec.layout, spec.root_dir, spec.dataset, spec.shots)  # class files and lists, before any write
+    run_dir = spec.run_dir
+    created = not run_dir.exists()
+    try:
+        return _run_parts(spec, parts, resume, on_epoch_end, on_stage)
+    except BaseException:
+        # a start that failed before its first finished epoch leaves nothing that blocks the corrected re-run
+        if created and run_dir.is_dir() and not run_progress(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def run_progress(run_dir: Path) -> list[tuple[str, int]]:
+    """(stage folder, last finished epoch, 0-based) of every stage folder of a run with a finished epoch."""
+    out = []
+    for ck in sorted(Path(run_dir).rglob("checkpoints")):
+        epochs = ckpt.list_checkpoints(ck)
+        if epochs:
+            out.append((ck.parent.relative_to(run_dir).as_posix(), epochs[-1]))
+    return out
+
+
+def _run_parts(spec: RunSpec, parts: str, resume: bool, on_epoch_end, on_stage) -> dict[str, Any] | None:
     info = _prepare_run_dir(spec, parts, resume)
     ctx = RunContext(
         info, spec.cfg, spec.device, spec.progress, cache_dir=spec.cache_dir, rebuild_cache=spec.rebuild_cache
