@@ -40,7 +40,11 @@ def synth(
     out: Path = typer.Option(..., help="Dataset root to write (must not exist or be empty)."),
     scale: float = typer.Option(0.1, help="Videos per class = real count x scale (1.0 = full size)."),
     seed: int = typer.Option(0, help="Same seed, same bytes."),
-    shots: int = typer.Option(None, help="avdiff layout: shots per novel class (1, 5, 10 or 20)."),
+    shots: int = typer.Option(
+        None,
+        help="avdiff layout: shots per novel class (1, 5, 10 or 20); other layouts: give every novel class at least "
+        "k + 1 videos, for `run --shots k`.",
+    ),
     class_split: Path = typer.Option(None, help="A real class-split folder: use its class names."),
 ) -> None:
     """Write a synthetic benchmark in one of the authors' layouts, shaped like the real one."""

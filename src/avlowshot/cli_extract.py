@@ -51,7 +51,9 @@ def register(app: typer.Typer) -> None:
         workers: int = typer.Option(0, help="Decoding processes beside the one running the backbones (0: inline)."),
         device: str = typer.Option("cpu", help="cpu | cuda | cuda:N for the backbones."),
         dataset: str = typer.Option(None, help="Dataset name in the file names (default: the --out folder name)."),
-        compat: str = typer.Option("fixed", help="fixed (RGB frames) | official (the references' BGR/negative)."),
+        compat: str = typer.Option(
+            "none", help="none (RGB frames) | official (reproduce the references' quirks: BGR / negative frames)."
+        ),
         text_encoder: str = typer.Option(None, help=f"{ENCODER_HELP} (default: minilm; clip+clap for clipclap)."),
         text_weights: Path = typer.Option(None, help=TEXT_WEIGHTS_HELP),
         split_seed: int = typer.Option(0, help="Seed of the class split and of the videos' split folders."),
@@ -66,8 +68,11 @@ def register(app: typer.Typer) -> None:
                 raise DataError(
                     f"unknown feature set '{features}'", key="features", fix=f"use one of {pipeline.FEATURE_SETS}"
                 )
-            if compat not in ("fixed", "official"):
-                raise DataError(f"unknown --compat '{compat}'", key="compat", fix="use fixed or official")
+            from avlowshot.train.config import COMPAT_MODES
+
+            if compat not in (*COMPAT_MODES, "fixed"):  # "fixed": this option's former name of none
+                raise DataError(f"unknown --compat '{compat}'", key="compat", fix=f"use {' or '.join(COMPAT_MODES)}")
+            compat = "fixed" if compat in ("none", "fixed") else compat  # extractor.json keeps its recorded name
             dataset = check_dataset(dataset or out.resolve().name)
             items = pipeline.list_videos(videos)
             i, n = pipeline.parse_shard(shard)
@@ -164,6 +169,7 @@ def register(app: typer.Typer) -> None:
         text_weights: Path = typer.Option(None, help=TEXT_WEIGHTS_HELP),
         device: str = typer.Option("cpu", help="cpu | cuda."),
         cache_dir: Path = typer.Option(None, help="Feature cache folder (default: the user cache)."),
+        root_dir: Path = typer.Option(None, help="The run's dataset root, if it moved since the run."),
     ) -> None:
         """Rank class names for one video with a trained run (new names are embedded on the fly)."""
         from avlowshot.predict import Predictor, parse_names
@@ -172,7 +178,8 @@ def register(app: typer.Typer) -> None:
             if (video is None) == (features is None):
                 raise DataError("give exactly one of --video and --features", key="video/features")
             names = parse_names(classes)
-            predictor = Predictor(run_dir, device, cache_dir)
+            predictor = Predictor(run_dir, device, cache_dir, root_dir=root_dir)
+            predictor.check_names(names)
             if video is not None:
                 if weights is None:
                     raise DataError("--video needs --weights (the backbone weights folder)", key="weights")

@@ -177,7 +177,7 @@ class RunContext:
         return run_dir / "stage-1" / subs[-1].name if subs else run_dir / "stage-1"
 
     def trainer(self, method, out_dir: Path, name: str, stage: int, repeat: int = 0, substage=None) -> Trainer:
-        return Trainer(
+        trainer = Trainer(
             method,
             self.store,
             self.text,
@@ -193,6 +193,8 @@ class RunContext:
             meta={"method": self.cfg.method, "version": __version__},
             substage=substage,
         )
+        trainer.task = self.task  # epoch lines say base / novel / FSL for GFSL
+        return trainer
 
     def stage1_train_indices(self) -> np.ndarray:
         p = self.protocol
