@@ -100,8 +100,9 @@ def check_data(
     console.print(styled("ok", "green") + ": every file read, every check passed")
 
 
-from avlowshot import cli_bench, cli_extract, cli_run  # noqa: E402 - these commands need ``app``
+from avlowshot import cli_bench, cli_download, cli_extract, cli_run  # noqa: E402 - these commands need ``app``
 
+cli_download.register(app)
 cli_run.register(app)
 cli_bench.register(app)
 cli_extract.register(app)
