@@ -234,8 +234,10 @@ def _recorded_encoder(predictor) -> str | None:
 
 def _encoder(name: str, text_weights: Path | None, weights: Path | None, option: str = "--text-weights"):
     """Build a text encoder; CLIP/CLAP text default to the backbone folders of ``extract --weights``."""
-    from avlowshot.extract.text import build_text_encoder
+    from avlowshot.extract.text import TEXT_ENCODERS, build_text_encoder
 
+    if name not in TEXT_ENCODERS:
+        raise DataError(f"unknown text encoder '{name}'", key="encoder", fix=f"use one of {', '.join(TEXT_ENCODERS)}")
     if text_weights is None and weights is not None and name in ("clip", "clap", "clip+clap"):
         text_weights = weights if name == "clip+clap" else weights / name
     if text_weights is None and name != "minilm":

@@ -63,17 +63,15 @@ def metrics_table(result: dict[str, Any]) -> Table:
     return table
 
 
-def interrupted(run_dir: Path, progress: list[tuple[str, int]]) -> typer.Exit:
+def interrupted(ctx: typer.Context, run_dir: Path, progress: list[tuple[str, int]]) -> typer.Exit:
     """Ctrl-C: say where the run stopped and the command that continues it; exit code 130."""
-    import click
-
     if not progress:
         err_console.print(f"interrupted before the first finished epoch of {run_dir}: nothing to resume; run the "
                           "same command again", highlight=False, soft_wrap=True)  # fmt: skip
         return typer.Exit(130)
     where = ", ".join(f"{stage} after epoch {epoch + 1}" for stage, epoch in progress)
     err_console.print(f"interrupted: {run_dir}: {where} finished", highlight=False, soft_wrap=True)
-    err_console.print(f"continue with: {_resume_command(click.get_current_context())}", highlight=False,
+    err_console.print(f"continue with: {_resume_command(ctx)}", highlight=False,
                       soft_wrap=True)  # fmt: skip
     return typer.Exit(130)
 
@@ -101,6 +99,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("run")
     def run_cmd(
+        ctx: typer.Context,
         method: str = typer.Option(..., help="Method name, e.g. avca."),
         layout: str = typer.Option(..., help=LAYOUT_HELP),
         dataset: str = typer.Option(..., help=DATASET_HELP),
@@ -159,7 +158,7 @@ def register(app: typer.Typer) -> None:
         except KeyboardInterrupt:
             if spec is None:
                 raise typer.Exit(130) from None
-            raise interrupted(spec.run_dir, protocol.run_progress(spec.run_dir)) from None
+            raise interrupted(ctx, spec.run_dir, protocol.run_progress(spec.run_dir)) from None
         if result is not None:
             print_result(result)
             console.print(f"result: {spec.run_dir / protocol.RESULT_FILE}")
