@@ -261,6 +261,13 @@ def test_own_videos_minilm_pipeline_trains_tcaf_and_predicts_loose_names(extract
                               "--classes", "TYPING, playingguitar, Horse  Riding"])  # fmt: skip
     assert res.exit_code == 0, res.output
     assert "new" not in res.output.split("class in the run")[1]  # all three matched the run's classes
+    # a moved dataset root: the error's fix names predict's own --root-dir, which then finds it
+    info = json.loads((run_dir / "run.json").read_text())
+    (run_dir / "run.json").write_text(json.dumps({**info, "root_dir": str(tmp_path / "moved")}))
+    ask = ["predict", "--run-dir", str(run_dir), "--features", str(feats), "--classes", "typing"]
+    res = runner.invoke(app, ask)
+    assert res.exit_code == 2 and "--root-dir" in res.output, res.output
+    assert runner.invoke(app, ask + ["--root-dir", str(out)]).exit_code == 0
     more = tmp_path / "videos"
     shutil.copytree(vids, more)
     for k in range(2):
