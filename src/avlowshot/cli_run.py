@@ -66,13 +66,12 @@ def metrics_table(result: dict[str, Any]) -> Table:
 def interrupted(ctx: typer.Context, run_dir: Path, progress: list[tuple[str, int]]) -> typer.Exit:
     """Ctrl-C: say where the run stopped and the command that continues it; exit code 130."""
     if not progress:
-        err_console.print(f"interrupted before the first finished epoch of {run_dir}: nothing to resume; run the "
-                          "same command again", highlight=False, soft_wrap=True)  # fmt: skip
+        text = f"interrupted before the first finished epoch of {run_dir}: nothing to resume; run the command again"
+        err_console.print(text, highlight=False, soft_wrap=True)
         return typer.Exit(130)
     where = ", ".join(f"{stage} after epoch {epoch + 1}" for stage, epoch in progress)
     err_console.print(f"interrupted: {run_dir}: {where} finished", highlight=False, soft_wrap=True)
-    err_console.print(f"continue with: {_resume_command(ctx)}", highlight=False,
-                      soft_wrap=True)  # fmt: skip
+    err_console.print(f"continue with: {_resume_command(ctx)}", highlight=False, soft_wrap=True)
     return typer.Exit(130)
 
 

@@ -332,7 +332,11 @@ def _merge_over_shipped(raw: dict, path: Path, method, dataset, feature_set, sho
     method = raw.get("method", method)
     if not isinstance(method, str):
         return raw  # validation names the problem
+    from avlowshot.data.layouts import DATASETS
+
     dataset = raw.get("dataset") or dataset
+    if dataset is not None and dataset not in DATASETS:
+        dataset = "UCF"  # a dataset of one's own starts from UCF's published settings
     feature_set = raw.get("feature_set") or feature_set
     model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
     base_path = None
@@ -376,8 +380,7 @@ def _follow_text_dim(raw: dict, method, text_dim: int | None, user_model: set[st
     for key in method_class(method).text_dim_keys:
         if key in user_model or key in overridden or model.get(key) == text_dim:
             continue
-        log.info("model.%s = %d: the dataset's class-text dim (the shipped value %s is word2vec's)", key, text_dim,
-                 model.get(key))  # fmt: skip
+        log.info("model.%s = %d: the dataset's class-text dim (shipped: %s)", key, text_dim, model.get(key))
         model[key] = text_dim
 
 
