@@ -206,3 +206,19 @@ def test_download_refuses_bad_options(tmp_path):
                               "--to", str(tmp_path)])  # fmt: skip
     assert res.exit_code == 2 and "use one of avca-cls, tcaf-cls" in res.output
     assert not any(tmp_path.iterdir())
+
+
+def test_a_web_page_instead_of_the_archive_and_an_archive_put_in_place_by_hand(
+    server, archive_bytes, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("AVLOWSHOT_CONFIG_DIR", str(tmp_path / "config"))
+    server.body = b"<!DOCTYPE html><html><body>Google Drive can't scan this file for viruses.</body></html>"
+    res = _download(tmp_path / "data", server.url)
+    assert res.exit_code == 2 and "an HTML page" in res.output and "run the same command again" in res.output
+    downloads = tmp_path / "data" / ".downloads"
+    assert not (downloads / FILE).exists()
+    (downloads / FILE).write_bytes(archive_bytes)  # fetched in a browser
+    before = len(server.requests)
+    res = _download(tmp_path / "data", server.url)
+    assert res.exit_code == 0 and "(recorded: first use)" in res.output, res.output
+    assert len(server.requests) == before  # the file in place was used, nothing downloaded

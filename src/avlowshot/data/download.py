@@ -276,7 +276,15 @@ def _members(archive_path: Path) -> list[str]:
         with tarfile.open(archive_path) as tf:
             return [m.name for m in tf.getmembers()]
     except (zipfile.BadZipFile, tarfile.TarError, OSError, EOFError) as exc:
-        raise DataError(f"not a readable zip or tar archive ({exc})", path=archive_path, key="archive") from None
+        with open(archive_path, "rb") as fh:
+            html = fh.read(512).lstrip().lower().startswith((b"<!doctype html", b"<html"))
+        what = "an HTML page (a dead link, or a sign-in / confirmation page)" if html else f"no zip or tar ({exc})"
+        raise DataError(
+            f"the server sent {what}, not the archive",
+            path=archive_path,
+            key="archive",
+            fix=f"fetch the archive in a browser, put it at {archive_path} and run the same command again",
+        ) from None
 
 
 def dataset_prefix(names: list[str], dataset: str, where: Path) -> str:
