@@ -210,7 +210,7 @@ def test_cli_run_avdiff_layout(synth_root, tmp_path):
     assert res.exit_code == 0, res.output
     assert all(n in res.output for n in names) and "probability" in res.output
     res = runner.invoke(app, ask + ["--classes", f"{names[0]}, juggling kittens"])
-    assert res.exit_code == 2 and "not a class of this run" in res.output
+    assert res.exit_code == 2 and "not in the label space" in res.output
 
 
 def test_cli_run_derived_from_tcaf_cls(synth_root, tmp_path):

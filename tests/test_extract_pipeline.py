@@ -240,4 +240,42 @@ def test_embed_classes_writes_the_layout_text_files(tmp_path):
     clip, clap = load_npy_dict(both), load_npy_dict(both.with_name("wavcaps_" + both.name))
     assert clip["horse riding"].shape == (CLIP_DIM,) and clap["horse riding"].shape == (CLAP_DIM,)
     res = runner.invoke(app, ["embed-classes", "--encoder", "w2v", "--classes", str(names), "--out", str(out)])
-    assert res.exit_code == 2 and "--text-weights" in res.output
+    assert res.exit_code == 2 and "pass --weights" in res.output  # embed-classes' option (it has no --text-weights)
+
+
+def test_own_videos_minilm_pipeline_trains_tcaf_and_predicts_loose_names(extracted, tmp_path):
+    """extract (MiniLM 384-d class text) -> run TCAF with no dim override -> predict with names in any case and
+    spacing; re-running extract with a class outside the stored split is refused, not silently dropped."""
+    base, weights, vids, out, *_ = extracted
+    log = tmp_path / "runs"
+    args = ["run", "--method", "tcaf", "--layout", "tcaf-cls", "--dataset", "MyActions", "--root-dir", str(out),
+            "--log-dir", str(log), "--cache-dir", str(tmp_path / "cache"), "--quiet",
+            "--set", "epochs=1", "--set", "n_batches=2", "--set", "batch_size=4",
+            "--set", "model.transformer_heads=2", "--set", "model.transformer_dim_head=8"]  # fmt: skip
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    run_dir = log / "tcaf_MyActions_tcaf-cls_seed42"
+    assert "transformer_dim: 384" in (run_dir / "config.yaml").read_text()  # followed the MiniLM text, not 300
+    feats = out / "extracted" / "cls" / "videos" / "Typ0.npz"
+    res = runner.invoke(app, ["predict", "--run-dir", str(run_dir), "--features", str(feats),
+                              "--classes", "TYPING, playingguitar, Horse  Riding"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "new" not in res.output.split("class in the run")[1]  # all three matched the run's classes
+    # a moved dataset root: the error's fix names predict's own --root-dir, which then finds it
+    info = json.loads((run_dir / "run.json").read_text())
+    (run_dir / "run.json").write_text(json.dumps({**info, "root_dir": str(tmp_path / "moved")}))
+    ask = ["predict", "--run-dir", str(run_dir), "--features", str(feats), "--classes", "typing"]
+    res = runner.invoke(app, ask)
+    assert res.exit_code == 2 and "--root-dir" in res.output, res.output
+    assert runner.invoke(app, ask + ["--root-dir", str(out)]).exit_code == 0
+    more = tmp_path / "videos"
+    shutil.copytree(vids, more)
+    for k in range(2):
+        write_test_video(more / "Knitting" / f"Kni{k}.mp4", seconds=1.3, size=(96, 72), tone_hz=300.0)
+    before = (out / "class-split" / "cls_split" / "stage_1_train.txt").read_text()
+    res = _extract(more, out, weights)
+    assert res.exit_code == 2 and "'Knitting'" in res.output and "in no list of the stored class split" in res.output
+    assert (out / "class-split" / "cls_split" / "stage_1_train.txt").read_text() == before
+    assert not (
+        out / "features" / "cls_features_non_averaged" / "audio" / "stage_2_test_unseen" / "Knitting.pkl"
+    ).exists()

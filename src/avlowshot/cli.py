@@ -9,7 +9,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from avlowshot import __version__
-from avlowshot.cli_common import DATASET_HELP, LAYOUT_HELP, console, err_console, fail
+from avlowshot.cli_common import DATASET_HELP, LAYOUT_HELP, console, err_console, fail, styled
 from avlowshot.errors import AvlowshotError
 
 app = typer.Typer(
@@ -40,7 +40,11 @@ def synth(
     out: Path = typer.Option(..., help="Dataset root to write (must not exist or be empty)."),
     scale: float = typer.Option(0.1, help="Videos per class = real count x scale (1.0 = full size)."),
     seed: int = typer.Option(0, help="Same seed, same bytes."),
-    shots: int = typer.Option(None, help="avdiff layout: shots per novel class (1, 5, 10 or 20)."),
+    shots: int = typer.Option(
+        None,
+        help="avdiff layout: shots per novel class (1, 5, 10 or 20); other layouts: give every novel class at least "
+        "k + 1 videos, for `run --shots k`.",
+    ),
     class_split: Path = typer.Option(None, help="A real class-split folder: use its class names."),
 ) -> None:
     """Write a synthetic benchmark in one of the authors' layouts, shaped like the real one."""
@@ -86,7 +90,8 @@ def check_data(
     for name, n_cls, n_vid, n_rows in report.folders:
         folders.add_row(name, str(n_cls), str(n_vid), str(n_rows))
     console.print(folders)
-    splits = Table(title=f"{report.protocol.task.upper()} protocol" + (f", {shots} shots" if shots else ""))
+    shots_note = f", {report.shots} shots" if report.shots else ""
+    splits = Table(title=f"{report.protocol.task.upper()} protocol{shots_note}")
     for col in ("split", "classes", "videos"):
         splits.add_column(col, justify="left" if col == "split" else "right")
     for name, n_cls, n_vid in report.protocol.describe():
@@ -94,7 +99,7 @@ def check_data(
     console.print(splits)
     for note in report.notes:
         console.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
-    console.print("[green]ok[/]: every file read, every check passed")
+    console.print(styled("ok", "green") + ": every file read, every check passed")
 
 
 def _config_summary(names: list[str]) -> str:
@@ -143,8 +148,9 @@ def methods(
     console.print(table)
 
 
-from avlowshot import cli_bench, cli_extract, cli_import, cli_run, cli_sweep  # noqa: E402 - these commands need ``app``
+from avlowshot import cli_bench, cli_download, cli_extract, cli_import, cli_run, cli_sweep  # noqa: E402 - these commands need ``app``
 
+cli_download.register(app)
 cli_run.register(app)
 cli_bench.register(app)
 cli_extract.register(app)

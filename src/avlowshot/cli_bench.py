@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from avlowshot.cli_common import DATASET_HELP, LAYOUT_HELP, console, err_console, fail
+from avlowshot.cli_common import DATASET_HELP, LAYOUT_HELP, console, err_console, fail, styled
 from avlowshot.errors import AvlowshotError
 
 
@@ -80,7 +80,7 @@ def register(app: typer.Typer) -> None:
         )  # fmt: skip
         try:
             with bench.threads(threads):
-                record = bench.run_bench(spec, progress=lambda msg: err_console.print(f"[dim]{msg}[/]"))
+                record = bench.run_bench(spec, progress=lambda msg: err_console.print(styled(msg, "dim")))
         except AvlowshotError as exc:
             raise fail(exc) from None
         path = out or (Path(work_dir) if work_dir else bench.default_work_dir()) / "results" / f"{spec.name}.json"

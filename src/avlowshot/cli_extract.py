@@ -9,7 +9,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Table
 from rich.text import Text
 
-from avlowshot.cli_common import console, err_console, fail
+from avlowshot.cli_common import console, err_console, fail, styled
 from avlowshot.errors import AvlowshotError, DataError, WeightsError
 
 ENCODER_HELP = "w2v | clip | clap | clip+clap | minilm"
@@ -51,7 +51,9 @@ def register(app: typer.Typer) -> None:
         workers: int = typer.Option(0, help="Decoding processes beside the one running the backbones (0: inline)."),
         device: str = typer.Option("cpu", help="cpu | cuda | cuda:N for the backbones."),
         dataset: str = typer.Option(None, help="Dataset name in the file names (default: the --out folder name)."),
-        compat: str = typer.Option("fixed", help="fixed (RGB frames) | official (the references' BGR/negative)."),
+        compat: str = typer.Option(
+            "none", help="none (RGB frames) | official (reproduce the references' quirks: BGR / negative frames)."
+        ),
         text_encoder: str = typer.Option(None, help=f"{ENCODER_HELP} (default: minilm; clip+clap for clipclap)."),
         text_weights: Path = typer.Option(None, help=TEXT_WEIGHTS_HELP),
         split_seed: int = typer.Option(0, help="Seed of the class split and of the videos' split folders."),
@@ -66,8 +68,11 @@ def register(app: typer.Typer) -> None:
                 raise DataError(
                     f"unknown feature set '{features}'", key="features", fix=f"use one of {pipeline.FEATURE_SETS}"
                 )
-            if compat not in ("fixed", "official"):
-                raise DataError(f"unknown --compat '{compat}'", key="compat", fix="use fixed or official")
+            from avlowshot.train.config import COMPAT_MODES
+
+            if compat not in (*COMPAT_MODES, "fixed"):  # "fixed": this option's former name of none
+                raise DataError(f"unknown --compat '{compat}'", key="compat", fix=f"use {' or '.join(COMPAT_MODES)}")
+            compat = "fixed" if compat in ("none", "fixed") else compat  # extractor.json keeps its recorded name
             dataset = check_dataset(dataset or out.resolve().name)
             items = pipeline.list_videos(videos)
             i, n = pipeline.parse_shard(shard)
@@ -101,7 +106,7 @@ def register(app: typer.Typer) -> None:
                 f"videos/s), {report.skipped} already done, {len(report.failed)} failed"
             )
             for vid, err in report.failed[:5]:
-                err_console.print(f"[yellow]failed[/] {vid}: {err.splitlines()[0]}", highlight=False)
+                err_console.print(styled("failed", "yellow"), f"{vid}: {err.splitlines()[0]}", highlight=False)
             if report.failed:
                 err_console.print(f"every failure: {report.failed_log}", highlight=False)
             if n > 1:
@@ -164,6 +169,7 @@ def register(app: typer.Typer) -> None:
         text_weights: Path = typer.Option(None, help=TEXT_WEIGHTS_HELP),
         device: str = typer.Option("cpu", help="cpu | cuda."),
         cache_dir: Path = typer.Option(None, help="Feature cache folder (default: the user cache)."),
+        root_dir: Path = typer.Option(None, help="The run's dataset root, if it moved since the run."),
     ) -> None:
         """Rank class names for one video with a trained run (new names are embedded on the fly)."""
         from avlowshot.predict import Predictor, parse_names
@@ -172,7 +178,8 @@ def register(app: typer.Typer) -> None:
             if (video is None) == (features is None):
                 raise DataError("give exactly one of --video and --features", key="video/features")
             names = parse_names(classes)
-            predictor = Predictor(run_dir, device, cache_dir)
+            predictor = Predictor(run_dir, device, cache_dir, root_dir=root_dir)
+            predictor.check_names(names)
             if video is not None:
                 if weights is None:
                     raise DataError("--video needs --weights (the backbone weights folder)", key="weights")
@@ -227,12 +234,12 @@ def _recorded_encoder(predictor) -> str | None:
 
 def _encoder(name: str, text_weights: Path | None, weights: Path | None, option: str = "--text-weights"):
     """Build a text encoder; CLIP/CLAP text default to the backbone folders of ``extract --weights``."""
-    from avlowshot.extract.text import build_text_encoder
+    from avlowshot.extract.text import TEXT_ENCODERS, build_text_encoder
 
+    if name not in TEXT_ENCODERS:
+        raise DataError(f"unknown text encoder '{name}'", key="encoder", fix=f"use one of {', '.join(TEXT_ENCODERS)}")
     if text_weights is None and weights is not None and name in ("clip", "clap", "clip+clap"):
         text_weights = weights if name == "clip+clap" else weights / name
     if text_weights is None and name != "minilm":
-        raise WeightsError(
-            f"the {name} text encoder needs its weights", fix=f"pass --text-weights: {TEXT_WEIGHTS_HELP}"
-        )
+        raise WeightsError(f"the {name} text encoder needs its weights", fix=f"pass {option}: {TEXT_WEIGHTS_HELP}")
     return build_text_encoder(name, text_weights)

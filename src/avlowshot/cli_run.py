@@ -10,7 +10,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from avlowshot.cli_common import DATASET_HELP, LAYOUT_HELP, console, fail
+from avlowshot.cli_common import DATASET_HELP, LAYOUT_HELP, console, err_console, fail
 from avlowshot.errors import AvlowshotError
 
 THREADS_HELP = (
@@ -80,11 +80,42 @@ def metrics_table(result: dict[str, Any]) -> Table:
     return table
 
 
+def interrupted(ctx: typer.Context, run_dir: Path, progress: list[tuple[str, int]]) -> typer.Exit:
+    """Ctrl-C: say where the run stopped and the command that continues it; exit code 130."""
+    if not progress:
+        text = f"interrupted before the first finished epoch of {run_dir}: nothing to resume; run the command again"
+        err_console.print(text, highlight=False, soft_wrap=True)
+        return typer.Exit(130)
+    where = ", ".join(f"{stage} after epoch {epoch + 1}" for stage, epoch in progress)
+    err_console.print(f"interrupted: {run_dir}: {where} finished", highlight=False, soft_wrap=True)
+    err_console.print(f"continue with: {_resume_command(ctx)}", highlight=False, soft_wrap=True)
+    return typer.Exit(130)
+
+
+def _resume_command(ctx) -> str:
+    """The command line of this invocation (from its parsed options) with --resume."""
+    import shlex
+
+    words = ["avlowshot", ctx.info_name or "run"]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if param.name == "resume" or value is None or value == param.default or not param.opts:
+            continue
+        opt = max(param.opts, key=len)
+        if param.is_flag:
+            words.append(opt)
+            continue
+        for v in value if isinstance(value, list | tuple) else [value]:
+            words += [opt, str(v)]
+    return shlex.join(words + ["--resume"])
+
+
 def register(app: typer.Typer) -> None:
     """Add ``run``, ``evaluate`` and ``report`` to ``app``."""
 
     @app.command("run")
     def run_cmd(
+        ctx: typer.Context,
         method: str = typer.Option(..., help="Method name, e.g. avca."),
         layout: str = typer.Option(..., help=LAYOUT_HELP),
         dataset: str = typer.Option(..., help=DATASET_HELP),
@@ -111,14 +142,17 @@ def register(app: typer.Typer) -> None:
         from avlowshot.train.threads import pin_environment
 
         pin_environment()  # before torch loads its thread pools
-        from avlowshot.data.layouts import get_layout
+        from avlowshot.data.layouts import check_dataset, declared_text_dim, get_layout, infer_shots
         from avlowshot.models import registry
         from avlowshot.train import protocol
         from avlowshot.train.config import load_config
 
         _setup_logging(quiet)
+        spec = None
         try:
             spec_layout = get_layout(layout)
+            check_dataset(dataset)
+            shots = infer_shots(spec_layout, root_dir, shots)
             registry.check_method_layout(method, layout, shots)
             cfg = load_config(
                 config,
@@ -129,6 +163,7 @@ def register(app: typer.Typer) -> None:
                 seed=seed,
                 shots=shots,
                 variant=variant,
+                text_dim=declared_text_dim(layout, root_dir, dataset, shots),
             )
             spec = protocol.RunSpec(
                 method=method,
@@ -149,6 +184,10 @@ def register(app: typer.Typer) -> None:
             result = protocol.run(spec, parts=run, resume=resume)
         except AvlowshotError as exc:
             raise fail(exc) from None
+        except KeyboardInterrupt:
+            if spec is None:
+                raise typer.Exit(130) from None
+            raise interrupted(ctx, spec.run_dir, protocol.run_progress(spec.run_dir)) from None
         if result is not None:
             print_result(result)
             console.print(f"result: {spec.run_dir / protocol.RESULT_FILE}")

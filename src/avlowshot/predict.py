@@ -31,6 +31,10 @@ class Ranked:
     role: str  # seen | unseen | new (a name the run never saw)
 
 
+def _fold(name: str) -> str:
+    return "".join(name.lower().split())
+
+
 def parse_names(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
@@ -54,7 +58,13 @@ def _feature_set(layout: str) -> str:
 
 
 class Predictor:
-    def __init__(self, run_dir: str | Path, device: str = "cpu", cache_dir: str | Path | None = None):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        device: str = "cpu",
+        cache_dir: str | Path | None = None,
+        root_dir: str | Path | None = None,
+    ):
         from avlowshot.train.protocol import (
             RESULT_FILE,
             RunContext,
@@ -66,6 +76,8 @@ class Predictor:
 
         self.run_dir = Path(run_dir)
         info, cfg = load_run_info(self.run_dir)
+        if root_dir is not None:
+            info = {**info, "root_dir": str(Path(root_dir).resolve())}
         self.ctx = RunContext(info, cfg, device, cache_dir=cache_dir)
         dirs = self.ctx.stage2_dirs(self.run_dir)
         summary = read_summary(dirs[0])
@@ -151,12 +163,41 @@ class Predictor:
     # -- class names -----------------------------------------------------------------------------------------
 
     def _known(self, name: str) -> int | None:
+        """The class id of a name the run knows (its original or manual name): exactly, else ignoring case and
+        spaces (``playing guitar`` = ``PlayingGuitar``); None for a new name."""
         table = self.ctx.store.classes
-        fold = (lambda s: s.lower()) if table.case_insensitive else (lambda s: s)
-        for cid, (orig, key) in enumerate(zip(table.names, table.text_key, strict=True)):
-            if fold(name) in (fold(orig), fold(key)):
+        pairs = list(enumerate(zip(table.names, table.text_key, strict=True)))
+        for cid, (orig, key) in pairs:
+            if name in (orig, key):
                 return cid
-        return None
+        fold = _fold(name)
+        hits = sorted({cid for cid, (orig, key) in pairs if fold in (_fold(orig), _fold(key))})
+        if len(hits) > 1:
+            raise DataError(
+                f"'{name}' matches {len(hits)} classes of the run when case and spaces are ignored: "
+                + ", ".join(table.names[c] for c in hits),
+                key="classes",
+                fix="spell the class exactly as the run's class-split names it",
+            )
+        return hits[0] if hits else None
+
+    def check_names(self, names: list[str]) -> None:
+        """A method with a classifier (AV-DIFF) scores only its label space: refuse other names before anything
+        else is loaded or embedded."""
+        if not self.method.needs_label_space:
+            return
+        table = self.ctx.store.classes
+        space = set(np.asarray(self.method.label_space.cpu()).tolist())
+        for n in names:
+            cid = self._known(n)
+            if cid is None or cid not in space:
+                some = ", ".join(table.names[c] for c in sorted(space)[:6])
+                raise DataError(
+                    f"'{n}' is not in the label space of this {self.ctx.cfg.method} run: its classifier scores only "
+                    f"the {len(space)} classes it was trained on",
+                    key="classes",
+                    fix=f"name classes of the run (e.g. {some}, ...); new names need a method without a classifier",
+                )
 
     def text_rows(self, names: list[str], encoder=None) -> tuple[torch.Tensor, list[int | None]]:
         known = [self._known(n) for n in names]
@@ -213,15 +254,11 @@ class Predictor:
     def rank(self, audio: np.ndarray, video: np.ndarray, names: list[str], encoder=None) -> list[Ranked]:
         from avlowshot.train.trainer import class_scores, encode_samples
 
+        self.check_names(names)
         store = self._store(audio, video)
         rows, known = self.text_rows(names, encoder)
         method, device = self.method, self.ctx.device
         codes = encode_samples(method, store, np.arange(1), device, 1)
-        if method.needs_label_space and any(k is None for k in known):
-            raise AvlowshotError(
-                f"'{names[known.index(None)]}' is not in the label space of this {self.ctx.cfg.method} run: its "
-                "classifier scores only the classes it was trained on"
-            )
         ids = torch.as_tensor([-1 if k is None else k for k in known], dtype=torch.int64)
         scores = class_scores(method, codes, rows.to(device), ids).float().cpu()[0]
         seen = set(self.ctx.protocol.stage2_train.classes.tolist())

@@ -18,6 +18,7 @@ from avlowshot.data.layouts import (
     check_dataset,
     declared_spec,
     get_layout,
+    infer_shots,
     read_class_file,
 )
 from avlowshot.data.safe_pickle import load_npy_dict
@@ -119,6 +120,15 @@ def read_class_lists(
                 key=name,
                 fix=f"remove the shared class(es) from {a}.txt or from {b}.txt",
             )
+    first = spec.class_lists[0]  # stage_1_train / stage_1_base_train
+    if len(lists[first]) < 2:
+        raise DataError(
+            f"{len(lists[first])} seen training class(es); every method needs at least 2 (a class to tell apart "
+            "from another)",
+            path=files[first],
+            key=first,
+            fix="list at least 2 classes with training videos there (seen classes of stage 1)",
+        )
     return ClassLists(lists, files, spec.features_root(root, shots))
 
 
@@ -283,15 +293,33 @@ def load_benchmark(
     root = Path(root_dir).resolve()
     if not root.is_dir():
         raise DataError("dataset root not found", path=root, fix="--root-dir must be the unpacked dataset folder")
-    spec = declared_spec(spec, root, dataset, shots if spec.task == "gfsl" else None)
-    if spec.task == "gfsl":
-        if shots not in SHOT_CHOICES:
-            raise DataError("the avdiff layout needs --shots", key="shots", fix=f"use one of {SHOT_CHOICES}")
-    folder_shots = shots if spec.task == "gfsl" else None
-    classes = read_class_table(spec, root, dataset, folder_shots)
-    lists = read_class_lists(spec, root, classes, folder_shots)
+    spec, classes, lists, folder_shots = open_class_split(spec, root, dataset, shots)
     store = open_store(spec, root, dataset, classes, folder_shots, cache_dir, rebuild_cache, verify_cache)
     return Benchmark(spec, dataset, root, folder_shots, store, lists)
+
+
+def open_class_split(spec: LayoutSpec, root: Path, dataset: str, shots: int | None):
+    """The declared layout, class table and class lists of a root (no feature file is read): what ``run`` checks
+    before it writes anything. Returns (spec, classes, lists, shot folder or None)."""
+    shots = infer_shots(spec, root, shots)
+    if spec.task == "gfsl" and shots not in SHOT_CHOICES:
+        raise DataError(f"--shots {shots} is not a benchmark setting", key="shots", fix=f"use one of {SHOT_CHOICES}")
+    folder_shots = shots if spec.task == "gfsl" else None
+    spec = declared_spec(spec, root, dataset, folder_shots)
+    classes = read_class_table(spec, root, dataset, folder_shots)
+    lists = read_class_lists(spec, root, classes, folder_shots)
+    return spec, classes, lists, folder_shots
+
+
+def preflight(layout: str, root_dir: str | Path, dataset: str, shots: int | None = None) -> None:
+    """Every check of a root that needs no feature file (layout, dataset name, shots, class files, text
+    embeddings, class lists), so a run fails before it creates its run directory."""
+    spec = get_layout(layout)
+    dataset = check_dataset(dataset)
+    root = Path(root_dir).resolve()
+    if not root.is_dir():
+        raise DataError("dataset root not found", path=root, fix="--root-dir must be the unpacked dataset folder")
+    open_class_split(spec, root, dataset, shots)
 
 
 def open_store(

@@ -10,7 +10,7 @@ import torch
 
 from avlowshot.data.benchmark import iter_samples, read_class_lists, read_class_table
 from avlowshot.data.classes import class_list_notes
-from avlowshot.data.layouts import check_dataset, declared_spec, get_layout
+from avlowshot.data.layouts import check_dataset, declared_spec, get_layout, infer_shots
 from avlowshot.data.splits import SHOT_CHOICES, Protocol, avdiff_protocol, derive_gfsl, gzsl_protocol
 from avlowshot.data.store import FeatureStore, Modality
 from avlowshot.errors import DataError
@@ -19,6 +19,7 @@ from avlowshot.errors import DataError
 @dataclass
 class CheckReport:
     layout: str
+    shots: int | None
     dataset: str
     root: Path
     n_classes: int
@@ -34,6 +35,7 @@ def check_root(layout: str, root_dir: str | Path, dataset: str, shots: int | Non
     root = Path(root_dir)
     if not root.is_dir():
         raise DataError("dataset root not found", path=root, fix="--root-dir must be the unpacked dataset folder")
+    shots = infer_shots(spec, root, shots)
     spec = declared_spec(spec, root, dataset, shots if spec.task == "gfsl" else None)
     if shots is not None and shots not in SHOT_CHOICES:
         raise DataError(f"--shots {shots} is not a benchmark setting", key="shots", fix=f"use one of {SHOT_CHOICES}")
@@ -93,4 +95,4 @@ def check_root(layout: str, root_dir: str | Path, dataset: str, shots: int | Non
             f"{len(reordered)} video file(s) list the same videos as their audio file in another order; audio and "
             f"video are paired by video id (e.g. {reordered[0]})"
         )
-    return CheckReport(spec.name, dataset, root, len(classes), folders, protocol, notes)
+    return CheckReport(spec.name, shots, dataset, root, len(classes), folders, protocol, notes)

@@ -212,12 +212,57 @@ def get_layout(name: str) -> LayoutSpec:
 
 def check_dataset(name: str, *, known_only: bool = False) -> str:
     """One of the three benchmarks, or (unless ``known_only``) the name of a dataset of one's own."""
-    if name in DATASETS or (not known_only and DATASET_NAME.match(name)):
+    if name in DATASETS:
+        return name
+    like = [d for d in DATASETS if d.lower() == name.lower()]
+    if like:  # `ucf` would silently become a dataset of one's own with UCF's file names but other class rules
+        raise DataError(
+            f"dataset '{name}' differs from the benchmark {like[0]} only in case",
+            key="dataset",
+            fix=f"use --dataset {like[0]} (benchmark names are case-sensitive)",
+        )
+    if not known_only and DATASET_NAME.match(name):
         return name
     fix = f"use one of {', '.join(DATASETS)}"
     if not known_only:
         fix += " or a name of your own (letters, digits, _ and -)"
     raise DataError(f"unknown dataset '{name}'", key="dataset", fix=fix)
+
+
+def infer_shots(spec: LayoutSpec, root: Path, shots: int | None) -> int | None:
+    """``shots`` as given; for the avdiff layout without ``--shots``, the one k of a root holding a single
+    ``features/<k>-shot`` folder (a root with several needs ``--shots``)."""
+    if spec.task != "gfsl" or shots is not None:
+        return shots
+    found = sorted(
+        int(m.group(1))
+        for p in (Path(root) / "features").glob("*-shot")
+        if p.is_dir() and (m := re.fullmatch(r"(\d+)-shot", p.name))
+    )
+    if len(found) == 1:
+        return found[0]
+    have = f"this root holds {', '.join(f'{k}-shot' for k in found)}" if found else "no features/<k>-shot folder found"
+    raise DataError(
+        f"the avdiff layout needs --shots ({have})",
+        path=Path(root) / "features",
+        key="shots",
+        fix=f"pass --shots, one of {found or [1, 5, 10, 20]}",
+    )
+
+
+def declared_text_dim(layout: str, root: str | Path, dataset: str, shots: int | None = None) -> int | None:
+    """The class-text dim a root declares (``<text>.encoder.json`` sidecars), or None when it declares none or
+    cannot be read yet (the readers report that with the file and key later)."""
+    try:
+        spec = get_layout(layout)
+        root = Path(root)
+        shots = infer_shots(spec, root, shots)
+        files = spec.text_files(root, dataset, shots if spec.task == "gfsl" else None)
+        if not any(f.with_name(f.name + ENCODER_SUFFIX).is_file() for f in files):
+            return None
+        return declared_spec(spec, root, dataset, shots if spec.task == "gfsl" else None).text_dim
+    except DataError:
+        return None
 
 
 def declared_spec(spec: LayoutSpec, root: Path, dataset: str, shots: int | None = None) -> LayoutSpec:

@@ -66,14 +66,16 @@ def load_profile(dataset: str) -> dict:
 class SynthClasses:
     names: list[str]  # all_class.txt names, sorted; id = position
     file_names: list[str]  # per id: spelling used in split txts and file names
-    manual: list[str]  # per id: embedding key
+    manual: list[str]  # per id: embedding key of the word2vec layouts
+    clip: list[str]  # per id: embedding key of ClipClap's UCF text files (its ucf_clip_class_names.csv)
 
 
 def _class_names(dataset: str, profile: dict, class_split: Path | None) -> SynthClasses:
     n = profile["n_classes"]
     if class_split is None:
         names = [f"class_{i:03d}" for i in range(n)]
-        return SynthClasses(names, names, [f"class {i:03d}" for i in range(n)])
+        manual = [f"class {i:03d}" for i in range(n)]
+        return SynthClasses(names, names, manual, manual)
     names = read_class_list(class_split / "all_class.txt")
     if len(names) != n:
         raise DataError(
@@ -93,7 +95,17 @@ def _class_names(dataset: str, profile: dict, class_split: Path | None) -> Synth
     if csv_file.exists():
         with open(csv_file, newline="", encoding="utf-8") as fh:
             manual_of = {fold(r["original"].strip()): r["manual"].strip() for r in csv.DictReader(fh)}
-    return SynthClasses(names, [spelling[fold(x)] for x in names], [manual_of.get(fold(x), x) for x in names])
+    manual = [manual_of.get(fold(x), x) for x in names]
+    clip_of = clip_class_names(dataset)
+    clip = [clip_of.get(x, m) for x, m in zip(names, manual, strict=True)]
+    return SynthClasses(names, [spelling[fold(x)] for x in names], manual, clip)
+
+
+def clip_class_names(dataset: str) -> dict[str, str]:
+    """Original class name -> the CLIP class name the ClipClap authors ship (UCF; the other benchmarks use their
+    word2vec ``manual`` names). Keyed like the release, so sorted CLIP names keep the original class order."""
+    text = resources.files("avlowshot.data").joinpath("profiles/clip_class_names.json").read_text()
+    return json.loads(text).get(dataset, {})
 
 
 class Generator:
@@ -201,8 +213,9 @@ def write_synthetic(
         raise DataError(f"--scale {scale} must be > 0", key="scale")
     if spec.task == "gfsl" and shots not in SHOT_CHOICES:
         raise DataError("the avdiff layout needs --shots", key="shots", fix=f"use one of {SHOT_CHOICES}")
-    if spec.task == "gzsl" and shots is not None:
-        raise DataError(f"--shots applies to the avdiff layout, not {layout}", key="shots")
+    if spec.task == "gzsl" and shots is not None and shots not in SHOT_CHOICES:
+        # GZSL layouts: --shots k sizes the novel classes for `run --shots k` (k shots + 1 test video each)
+        raise DataError(f"--shots {shots} is not a benchmark setting", key="shots", fix=f"use one of {SHOT_CHOICES}")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise DataError("output folder exists and is not empty", path=out, fix="choose a new --out folder")
@@ -271,9 +284,8 @@ def _write_class_split(spec, out: Path, dataset: str, classes: SynthClasses, cou
     pairs = [[o, m] for o, m in zip(classes.names, classes.manual, strict=True)]
     write_csv(cs / f"{CSV_TAG[dataset]}_w2v_class_names.csv", ["original", "manual"], pairs)
     if spec.family == "clipclap" and dataset == "UCF":
-        write_csv(
-            cs / "ucf_clip_class_names.csv", ["original", "manual", "clip_class_name"], [p + [p[1]] for p in pairs]
-        )
+        rows = [p + [c] for p, c in zip(pairs, classes.clip, strict=True)]
+        write_csv(cs / "ucf_clip_class_names.csv", ["original", "manual", "clip_class_name"], rows)
     lists = {s: sorted(classes.file_names[c] for c in counts[s]) for s in GZSL_CLASS_LISTS}
     if spec.task == "gfsl":
         lists = {
@@ -293,4 +305,5 @@ def _write_class_split(spec, out: Path, dataset: str, classes: SynthClasses, cou
 def _write_text(spec, out: Path, dataset: str, classes: SynthClasses, gen: Generator, shots) -> None:
     for t, path in zip(spec.text, spec.text_files(out, dataset, shots), strict=True):
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_npy_dict(path, {m: gen.text[t.pattern][c] for c, m in enumerate(classes.manual)})
+        keys = classes.clip if spec.family == "clipclap" and dataset == "UCF" else classes.manual
+        save_npy_dict(path, {m: gen.text[t.pattern][c] for c, m in enumerate(keys)})

@@ -60,6 +60,17 @@ def class_split(classes: list[str], split_root: Path, seed: int) -> dict[str, li
     """The six class lists: read from ``split_root`` when it has them, else drawn with ``seed``."""
     if (split_root / "stage_1_train.txt").is_file():
         lists = {n: read_class_list(split_root / f"{n}.txt") for n in GZSL_CLASS_LISTS}
+        listed = set().union(*map(set, lists.values()))
+        extra = sorted(set(classes) - listed)
+        if extra:  # silently dropping them would lose the user's videos
+            raise DataError(
+                f"{len(extra)} class(es) of the videos are in no list of the stored class split: "
+                + ", ".join(f"'{c}'" for c in extra[:5]),
+                path=split_root,
+                key=extra[0],
+                fix="add them to the split's txt files (e.g. stage_2_test_unseen.txt for new unseen classes), "
+                "or extract into a new --out folder to draw a new split",
+            )
         known = set(classes)
         for n, names in lists.items():
             missing = [c for c in names if c not in known]
@@ -153,15 +164,20 @@ def assemble(
         cs = staging / "class-split"
         write_lines(cs / "all_class.txt", used)
         write_csv(cs / names_csv.name, ["original", "manual"], [[c, manual[c]] for c in used])
+        key_of = manual  # the names embedded: ClipClap's UCF files are keyed by its CLIP class names
         if dataset == "UCF" and features == "clipclap":
+            from avlowshot.data.synth import clip_class_names
+
+            clip_names = clip_class_names(dataset)
+            key_of = {c: clip_names.get(c, manual[c]) for c in used}
             write_csv(
                 cs / "ucf_clip_class_names.csv",
                 ["original", "manual", "clip_class_name"],
-                [[c, manual[c], manual[c]] for c in used],
+                [[c, manual[c], key_of[c]] for c in used],
             )
         for name, names in lists.items():
             write_lines(cs / SPLIT_FAMILY / f"{name}.txt", names)
-        names = [manual[c] for c in used]
+        names = [key_of[c] for c in used]
         text_files = embed(names)
         # one class of one split folder in memory at a time (a full VGGSound is 23 GB of features)
         for folder, by_class in folders.items():

@@ -84,6 +84,8 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
     needs_label_space: ClassVar[bool] = False
     """The method has a classifier over a fixed label space: it is built with ``classes=`` (global ids of the
     stage's classes) and :meth:`encode_classes` gets ``class_ids`` of the split's classes."""
+    # model keys whose published value is the class-text dim (word2vec's 300); they follow a dataset of one's own
+    text_dim_keys: ClassVar[tuple[str, ...]] = ()
 
     needs_label_text: ClassVar[bool] = False
     """The trainer passes ``label_text`` [C, Dt], the text rows of the label space (``label_space``, ascending id),

@@ -98,6 +98,7 @@ class TCAF(Method):
     tasks: ClassVar[tuple[str, ...]] = ("gzsl", "gfsl")
     layouts: ClassVar[tuple[str, ...]] = ("tcaf-cls", "tcaf-main")
     inputs: ClassVar[str] = "temporal"
+    text_dim_keys: ClassVar[tuple[str, ...]] = ("transformer_dim",)  # rec_loss: D_o outputs the class text
 
     config: TCAFConfig
 

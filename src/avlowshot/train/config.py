@@ -419,27 +419,42 @@ def load_config(
     seed: int | None = None,
     shots: int | None = None,
     variant: str | None = None,
+    text_dim: int | None = None,
 ) -> RunConfig:
     """Load a YAML config (default: the shipped one for method x dataset x feature set), merge a named ``variant``,
-    apply ``--set`` overrides and ``--seed``, validate, and check that it was made for this dataset and feature
-    set."""
+    apply ``--set`` overrides and ``--seed``, validate, and check that it was made for this dataset and feature set.
+
+    A ``--config`` file that leaves keys out is merged over the shipped config of its method x benchmark (never
+    filled with the code's defaults, which are no published setting); without a shipped config it must be complete.
+    ``text_dim``: the class-text dim a dataset of one's own declares; the method's text-bound model keys follow it
+    (``Method.text_dim_keys``, e.g. TCAF's ``transformer_dim`` = 300 for word2vec) unless the config sets them."""
+    from avlowshot.data.layouts import DATASETS
+
+    if method is not None:
+        from avlowshot.models.registry import method_class
+
+        method_class(method)  # an unknown method lists the known ones, before any config is looked up
+    own = dataset is not None and dataset not in DATASETS  # own data (from `extract`) starts from UCF's settings
     if path is None:
         if method is None or dataset is None or feature_set is None:
             raise ConfigError("no --config given and no method/dataset/feature set to find the shipped one")
-        from avlowshot.data.layouts import DATASETS
-
-        own = dataset not in DATASETS  # a dataset of one's own (from `extract`) starts from UCF's published settings
         path = shipped_config(method, "UCF" if own else dataset, feature_set, shots)
         if own:
             log.info("no shipped config for %s: using %s (UCF's settings); pass --config to choose", dataset, path.name)
+        raw = read_yaml(Path(path))
+        user_model: set[str] = set()
+        own_name = own
     else:
-        own = False
+        raw = read_yaml(Path(path))
+        own_name = own and "dataset" not in raw
+        user_model = set(raw.get("model") or {}) if isinstance(raw.get("model"), dict) else set()
+        raw = _merge_over_shipped(raw, Path(path), method, "UCF" if own else dataset, feature_set, shots)
     path = Path(path)
-    raw = read_yaml(path)
-    if own:
+    if own_name:
         raw["dataset"] = dataset
     if variant:
         apply_variant(raw, method or raw.get("method"), variant)
+    _follow_text_dim(raw, method, text_dim if own else None, user_model, overrides)
     applied = apply_overrides(raw, list(overrides))
     if seed is not None:
         raw["seed"] = seed
@@ -453,6 +468,64 @@ def load_config(
                 f"(use the config made for {want}, or --set {key}={want} if you mean it)"
             )
     return cfg
+
+
+def _merge_over_shipped(raw: dict, path: Path, method, dataset, feature_set, shots) -> dict:
+    """``raw`` (a --config file) over the shipped config of its method x benchmark; with no shipped config for that
+    benchmark, ``raw`` must set every key the method's shipped configs set."""
+    method = raw.get("method", method)
+    if not isinstance(method, str):
+        return raw  # validation names the problem
+    from avlowshot.data.layouts import DATASETS
+
+    dataset = raw.get("dataset") or dataset
+    if dataset is not None and dataset not in DATASETS:
+        dataset = "UCF"  # a dataset of one's own starts from UCF's published settings
+    feature_set = raw.get("feature_set") or feature_set
+    model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
+    base_path = None
+    if dataset is not None and feature_set is not None:
+        try:
+            base_path = shipped_config(method, dataset, feature_set, shots)
+        except ConfigError:
+            base_path = None
+    if base_path is None:
+        folder = resources.files("avlowshot").joinpath("configs", method)
+        refs = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+        if refs:
+            ref = read_yaml(Path(str(folder.joinpath(refs[0]))))
+            missing = [k for k in ref if k not in raw and k not in ("dataset", "feature_set", "seed", "model")]
+            missing += [f"model.{k}" for k in ref.get("model") or {} if k not in model]
+            if missing:
+                raise ConfigError(
+                    f"{path}: the config leaves out {', '.join(missing[:8])}, and no config is shipped for {method} "
+                    f"on {dataset} {feature_set} to take them from; set them (start from a shipped config or a "
+                    "run's config.yaml)"
+                )
+        return raw
+    base = read_yaml(base_path)
+    taken = [k for k in base if k not in raw and k != "model"]
+    taken += [f"model.{k}" for k in base.get("model") or {} if k not in model]
+    if not taken:
+        return raw
+    merged = {**base, **{k: v for k, v in raw.items() if k != "model"}}
+    merged["model"] = {**(base.get("model") or {}), **model}
+    log.info("%s leaves out %s: taken from the shipped %s/%s", path, ", ".join(taken), method, base_path.name)
+    return merged
+
+
+def _follow_text_dim(raw: dict, method, text_dim: int | None, user_model: set[str], overrides) -> None:
+    if text_dim is None or not isinstance(method, str):
+        return
+    from avlowshot.models.registry import method_class
+
+    overridden = {parse_override(o)[0].removeprefix("model.") for o in overrides}
+    model = raw.setdefault("model", {})
+    for key in method_class(method).text_dim_keys:
+        if key in user_model or key in overridden or model.get(key) == text_dim:
+            continue
+        log.info("model.%s = %d: the dataset's class-text dim (shipped: %s)", key, text_dim, model.get(key))
+        model[key] = text_dim
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -199,7 +200,7 @@ class RunContext:
         return run_dir / "stage-1" / subs[-1].name if subs else run_dir / "stage-1"
 
     def trainer(self, method, out_dir: Path, name: str, stage: int, repeat: int = 0, substage=None) -> Trainer:
-        return Trainer(
+        trainer = Trainer(
             method,
             self.store,
             self.text,
@@ -215,6 +216,8 @@ class RunContext:
             meta={"method": self.cfg.method, "version": __version__},
             substage=substage,
         )
+        trainer.task = self.task  # epoch lines say base / novel / FSL for GFSL
+        return trainer
 
     def stage1_train_indices(self) -> np.ndarray:
         p = self.protocol
@@ -312,6 +315,12 @@ def _prepare_run_dir(spec: RunSpec, parts: str, resume: bool) -> dict[str, Any]:
         "version": __version__,
     }
     have_info = (run_dir / RUN_FILE).is_file()
+    if have_info and not (run_dir / RESULT_FILE).is_file() and not run_progress(run_dir):
+        # nothing was trained with the old settings: the corrected command takes the folder over
+        have_info = False
+        for stage in ("stage-1", "stage-2"):
+            if (run_dir / stage).is_dir():
+                shutil.rmtree(run_dir / stage)
     if have_info:
         old, old_cfg = load_run_info(run_dir)
         for key in ("method", "layout", "dataset", "shots", "seed", "compat"):
@@ -818,6 +827,31 @@ def run(
     registry.check_method_layout(spec.method, spec.layout, spec.shots)
     resolve_device(spec.device)  # fail before touching the disk
     threads_mod.check_threads(spec.threads)
+    from avlowshot.data.benchmark import preflight
+
+    preflight(spec.layout, spec.root_dir, spec.dataset, spec.shots)  # class files and lists, before any write
+    run_dir = spec.run_dir
+    created = not run_dir.exists()
+    try:
+        return _run_parts(spec, parts, resume, on_epoch_end, on_stage)
+    except BaseException:
+        # a start that failed before its first finished epoch leaves nothing that blocks the corrected re-run
+        if created and run_dir.is_dir() and not run_progress(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def run_progress(run_dir: Path) -> list[tuple[str, int]]:
+    """(stage folder, last finished epoch, 0-based) of every stage folder of a run with a finished epoch."""
+    out = []
+    for ck in sorted(Path(run_dir).rglob("checkpoints")):
+        epochs = ckpt.list_checkpoints(ck)
+        if epochs:
+            out.append((ck.parent.relative_to(run_dir).as_posix(), epochs[-1]))
+    return out
+
+
+def _run_parts(spec: RunSpec, parts: str, resume: bool, on_epoch_end, on_stage) -> dict[str, Any] | None:
     info = _prepare_run_dir(spec, parts, resume)
     with threads_mod.pinned(info["threads"]):
         return _run(spec, info, parts, resume, on_epoch_end, on_stage)

@@ -705,8 +705,9 @@ class Trainer:
         msg = f"{self.name} epoch {epoch + 1}/{epochs}: loss {record['train']['loss']:.4f} lr {record['lr']:.2e}"
         if record.get("val"):
             v = record["val"]
-            msg += f" | val S {100 * v['seen']:.2f} U {100 * v['unseen']:.2f} HM {100 * v['hm']:.2f}"
-            msg += f" ZSL {100 * v['zsl']:.2f} beta {v['beta']:.3g}"
+            s_, u_, z_ = ("base", "novel", "FSL") if getattr(self, "task", "gzsl") == "gfsl" else ("S", "U", "ZSL")
+            msg += f" | val {s_} {100 * v['seen']:.2f} {u_} {100 * v['unseen']:.2f} HM {100 * v['hm']:.2f}"
+            msg += f" {z_} {100 * v['zsl']:.2f} beta {v['beta']:.3g}"
             if book["best_epoch"] is not None:
                 msg += f" (best HM {100 * book['best_hm']:.2f} @ {book['best_epoch'] + 1})"
         log.info(msg)
