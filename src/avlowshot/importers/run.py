@@ -18,7 +18,6 @@ reference's arguments and what became of each), ``config.yaml``, and per stage `
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import shutil
@@ -38,14 +37,6 @@ from avlowshot.train.config import dump_config, load_config, validate_config
 log = logging.getLogger("avlowshot.import")
 
 COMPAT = "official"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -499,7 +490,7 @@ def import_run(
             "stage_1": str(s1.resolve()),
             "stage_2": str(s2.resolve()),
             "stage_1_epoch": epoch,
-            "files": {str(f.resolve()): _sha256(f) for f in files},
+            "files": {str(f.resolve()): ckpt.file_sha256(f) for f in files},
             "arguments": {"stage_1": account1, "stage_2": account2},
             "notes": notes,
         }

@@ -98,7 +98,8 @@ def atomic_write_json(path: str | Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, allow_nan=True) + "\n")
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of every byte of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -343,7 +344,7 @@ def load_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
             f = path / name
             if not f.is_file():
                 raise CheckpointError(f"missing (listed in {SIDECAR_FILE})", path=f, fix=fix)
-            if _sha256(f) != digest:
+            if file_sha256(f) != digest:
                 raise CheckpointError(
                     f"the file was changed after it was written (its sha256 no longer matches {SIDECAR_FILE})",
                     path=f,
