@@ -325,7 +325,7 @@ def test_two_stream_iteration_runs_the_extra_passes_after_both_steps():
         train_step=lambda b, t, kw, after=True: calls.append(("step", b, after)) or {"loss": torch.tensor(1.0)},
         method=SimpleNamespace(after_step=lambda b, t: calls.append(("after", b))),
     )
-    Trainer.train_iteration(fake, [("base", None, {}), ("novel", None, {})])
+    Trainer.train_iteration(fake, [("base", None, {"stream": "base"}), ("novel", None, {"stream": "novel"})])
     assert calls == [("step", "base", False), ("step", "novel", False), ("after", "base"), ("after", "novel")]
     calls.clear()
     fake.train_step = lambda b, t, kw, after=True: calls.append(("step", b, after)) or {"loss": torch.tensor(1.0)}

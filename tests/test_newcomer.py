@@ -20,6 +20,7 @@ from typer.main import get_command
 from typer.testing import CliRunner
 
 from avlowshot.cli import app
+from avlowshot.models import registry
 
 runner = CliRunner()
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -68,7 +69,8 @@ def test_errors_keep_their_key_and_name_real_options(synth_root, tmp_path):
                               "--out", str(tmp_path / "x.npy")])  # fmt: skip
     assert res.exit_code == 2 and "use one of w2v, clip, clap, clip+clap, minilm" in res.output, res.output
     res = _run(root, tmp_path, method="avcaa")
-    assert res.exit_code == 2 and "known methods: avca, avdiff, clipclap, tcaf" in res.output, res.output
+    known = ", ".join(sorted(registry.METHODS))
+    assert res.exit_code == 2 and f"known methods: {known}" in res.output, res.output
     res = runner.invoke(app, ["check-data", "--layout", "avca", "--root-dir", str(root), "--dataset", "UCF"])
     assert res.exit_code == 2 and "[layout]" in res.output and "avca-cls, avca-main, tcaf-cls" in res.output
     res = _run(root, tmp_path, "--compat", "fixed")
@@ -172,10 +174,10 @@ def test_partial_config_is_merged_over_the_shipped_one(synth_root, tmp_path):
     # the shipped ucf-cls values (512 / 0.2), not the code defaults (1024 / 0.8); the file's own keys win
     assert "embeddings_hidden_size: 512" in saved and "embedding_dropout: 0.2" in saved
     assert "decoder_hidden_size: 16" in saved and "epochs: 1" in saved
-    # no shipped config for clipclap on cls features: a partial file is refused with what it lacks
-    (tmp_path / "cc.yaml").write_text("method: clipclap\nepochs: 1\n")
-    res = _run(synth_root("tcaf-cls", scale=0.02), tmp_path, "--config", str(tmp_path / "cc.yaml"),
-               method="clipclap", layout="tcaf-cls")  # fmt: skip
+    # no shipped config for hyper-alignment on clipclap features: a partial file is refused with what it lacks
+    (tmp_path / "cc.yaml").write_text("method: hyper-alignment\nepochs: 1\n")
+    res = _run(synth_root("clipclap", scale=0.02), tmp_path, "--config", str(tmp_path / "cc.yaml"),
+               method="hyper-alignment", layout="clipclap")  # fmt: skip
     assert res.exit_code == 2 and "leaves out" in res.output and "no config is shipped" in res.output, res.output
 
 

@@ -147,7 +147,7 @@ def test_tables_list_every_paper_table_and_unknown_methods_fail_per_run(tmp_path
     assert res.exit_code == 0
     for name in ["avca-main", "avca-cls", "tcaf", "clipclap"] + [f"avdiff-table{i}" for i in range(2, 7)]:
         assert f"{name}: " in res.output
-    assert "Zorro" in res.output and "(method not registered yet)" in res.output
+    assert "Zorro" in res.output and "(method not registered yet)" not in res.output  # every row has its method
 
     res = runner.invoke(
         app,
@@ -157,21 +157,25 @@ def test_tables_list_every_paper_table_and_unknown_methods_fail_per_run(tmp_path
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     assert "new       avdiff_UCF_avdiff_5shot_seed1  [AV-DIFF]" in res.output
-    assert "fails     zorro_UCF_avdiff_5shot_seed2  [Zorro]" in res.output
-    assert (
-        "unknown method 'zorro'" in res.output and "4 runs: 0 finished, 0 to resume, 2 new, 2 would fail" in res.output
-    )
+    assert "new       zorro_UCF_avdiff_5shot_seed2  [Zorro]" in res.output
+    assert "4 runs: 0 finished, 0 to resume, 4 new, 0 would fail" in res.output
 
-    # an unknown method is that run's failure; a registered one is planned normally
+    # the ablation rows run the shipped avdiff variants
     reqs = sw.plan(table="avdiff-table3", log_dir=tmp_path / "r", root_dir=tmp_path, datasets=["UCF"])
     by_row = {r.row: r for r in reqs}
-    assert "unknown method 'avdiff-cross'" in by_row["A_cross + A_c"].error
-    assert by_row["A (full everywhere)"].resolved["model"]["layer_change_attention"] == 0
-    assert by_row["A_self + A_c"].resolved["model"]["layer_change_attention"] == 4  # = UCF depth
-    assert by_row["A (full everywhere)"].run_id == "full-attention/avdiff_UCF_avdiff_5shot_seed42"
+    assert by_row["A_cross + A_c"].resolved["model"]["fusion"] == "cross"
+    assert by_row["A (full everywhere)"].resolved["model"]["fusion"] == "full"
+    assert by_row["A_self + A_c"].resolved["variant"] == "self-attention"
+    assert by_row["A (full everywhere)"].run_id == "full-attention/avdiff_UCF_avdiff_5shot_seed42_full-attention"
     assert by_row["AV-DIFF"].error is None and by_row["AV-DIFF"].run_id == "avdiff_UCF_avdiff_5shot_seed42"
-    summary = sw.run_sweep([by_row["A_cross + A_c"]], executor="serial", show_progress=False)
-    assert summary.failed[0]["error"].startswith("unknown method 'avdiff-cross'")
+
+    # an unknown method (a grid of one's own) is that run's failure; the others are planned normally
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("methods: [avca, nosuch]\nlayouts: [avca-cls]\ndatasets: [UCF]\n")
+    reqs = {r.method: r for r in sw.plan(grid, log_dir=tmp_path / "r", root_dir=tmp_path)}
+    assert reqs["avca"].error is None and "unknown method 'nosuch'" in reqs["nosuch"].error
+    summary = sw.run_sweep([reqs["nosuch"]], executor="serial", show_progress=False)
+    assert summary.failed[0]["error"].startswith("unknown method 'nosuch'")
 
 
 def test_published_numbers_are_those_of_the_specs():

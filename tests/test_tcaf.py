@@ -279,8 +279,10 @@ def test_trainer_draws_windows_from_the_epoch_generator(tmp_path):
     encode = model.encode_samples
     model.encode_samples = lambda batch: calls.append(batch) or encode(batch)
     assert encode_samples(model, store, np.arange(8), torch.device("cpu"), 3).shape == (8, 64)
-    assert [b.video.shape[1] for b in calls] == [25] * 3  # centred 25-row evaluation windows
-    assert calls[0].video[1, 0, 0] == 1000 + (50 - 25) // 2
+    # centred 25-row evaluation windows, in length order (9, 12, 20 | 25 x 5 rows), each batch only as wide as its
+    # longest window
+    assert [b.video.shape[1] for b in calls] == [20, 25, 25]
+    assert 1000 + (50 - 25) // 2 in torch.cat([b.video[:, 0, 0] for b in calls]).tolist()
 
 
 # ----------------------------------------------------------------------------------------------------------------

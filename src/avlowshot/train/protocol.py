@@ -357,7 +357,9 @@ def _init_run_dir(spec: RunSpec, info: dict[str, Any]) -> None:
     if (run_dir / RUN_FILE).is_file():
         for p in ckpt.remove_leftovers(run_dir):
             log.info("removed %s, left by an interrupted write", p)
-        return
+        if (run_dir / RESULT_FILE).is_file() or run_progress(run_dir):
+            return
+        # nothing was trained with the old settings: the corrected command takes the folder over
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt.atomic_write_text(run_dir / CONFIG_FILE, dump_config(spec.cfg))
     ckpt.atomic_write_json(run_dir / RUN_FILE, {**info, "created": _now()})
