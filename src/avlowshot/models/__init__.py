@@ -5,6 +5,7 @@ from avlowshot.models.avca import AVCA, AVCAConfig
 from avlowshot.models.avdiff import AVDiff, AVDiffConfig
 from avlowshot.models.base import InputDims, Method, Substage, count_parameters
 from avlowshot.models.clipclap import ClipClap, ClipClapConfig
+from avlowshot.models.fsgen import TSL, ProtoGAN
 from avlowshot.models.fusion import AttentionFusion, Perceiver
 from avlowshot.models.fvaegan import FVAEGAN, FVAEGANConfig
 from avlowshot.models.hyperbolic import HyperAlignment, HyperMultiple, HyperSingle
@@ -31,9 +32,11 @@ __all__ = [
     "METHODS",
     "Method",
     "Perceiver",
+    "ProtoGAN",
     "Substage",
     "TCAF",
     "TCAFConfig",
+    "TSL",
     "TextMatch",
     "build_method",
     "config_model",

@@ -13,6 +13,7 @@ from avlowshot.models.avca import AVCA
 from avlowshot.models.avdiff import AVDiff
 from avlowshot.models.base import InputDims, Method
 from avlowshot.models.clipclap import ClipClap
+from avlowshot.models.fsgen import TSL, ProtoGAN
 from avlowshot.models.fusion import AttentionFusion, Perceiver
 from avlowshot.models.fvaegan import FVAEGAN
 from avlowshot.models.hip import HiP
@@ -27,6 +28,7 @@ METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (AVCA, AVDiff, Clip
 METHODS.update({cls.name: cls for cls in (HyperAlignment, HyperSingle, HyperMultiple)})
 METHODS.update({cls.name: cls for cls in (AttentionFusion, Perceiver, TextMatch)})
 METHODS.update({cls.name: cls for cls in (HiP, MBT, SLDG, Zorro)})
+METHODS.update({cls.name: cls for cls in (ProtoGAN, TSL)})
 
 
 def shipped_configs(name: str) -> list[str]:
