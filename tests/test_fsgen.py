@@ -219,10 +219,10 @@ def _cli(method, root, tmp_path, tiny):
 
 
 GAN_TINY = [
-    "epochs=2", "n_batches=10", "model.gan_batch_size=32", "model.generator_hidden=64", "model.critic_hidden=64",
-    "model.critic_steps=2", "substage_epochs.pretrain=2", "substage_epochs.classifier=4", "eval_batch_size=256",
-    "model.pretrain_n_batches=15", "model.classifier_n_batches=20", "model.classifier_batch_size=64",
-    "model.classifier_lr=0.01", "model.pretrain_lr=0.01",
+    "epochs=2", "n_batches=8", "model.gan_batch_size=32", "model.generator_hidden=32", "model.critic_hidden=32",
+    "model.critic_steps=1", "model.gan_lr=1e-3", "substage_epochs.pretrain=1", "model.pretrain_n_batches=10",
+    "model.pretrain_lr=0.01", "substage_epochs.classifier=5", "model.classifier_n_batches=25",
+    "model.classifier_batch_size=64", "model.classifier_lr=0.01", "eval_batch_size=256",
 ]  # fmt: skip
 
 
@@ -232,7 +232,8 @@ def test_learns_gfsl_through_the_cli(synth_root, tmp_path, one_thread, method):
     tiny = GAN_TINY
     if method == "tsl":
         tiny = tiny + ["substage_epochs.representation=3", "model.representation_n_batches=20",
-                       "model.representation_batch_size=64", "model.representation_dim=64"]  # fmt: skip
+                       "model.representation_batch_size=64", "model.representation_dim=64",
+                       "model.representation_lr=0.01"]  # fmt: skip
     run_dir, rec = _cli(method, root, tmp_path, tiny)
     m, chance = rec["metrics"], 100 / 48
     assert rec["task"] == "gfsl" and len(rec["repeats"]) == 3
