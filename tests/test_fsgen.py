@@ -242,3 +242,16 @@ def test_learns_gfsl_through_the_cli(synth_root, tmp_path, one_thread, method):
     for sub in ("pretrain", "generator"):
         assert all((run_dir / "stage-2" / sub / f"repeat-{r}" / "summary.json").is_file() for r in range(3))
     assert "l_fake" in json.loads((run_dir / "stage-1" / "classifier" / "history.json").read_text())[0]["train"]
+
+
+def test_the_averaged_store_gives_protogan_the_same_inputs_and_prototypes():
+    store, *_ = _store()
+    idx = np.arange(len(store))
+    avg = store.averaged(normalize_video_rows=True)
+    from avlowshot.data.batching import gather
+
+    torch.testing.assert_close(concat_average(gather(avg, idx)), concat_average(_hand_batch(store)))
+    a, b = _tiny("protogan"), _tiny("protogan")
+    a.observe_training_set(store, idx)
+    b.observe_training_set(avg, idx)
+    torch.testing.assert_close(a.prototypes, b.prototypes)

@@ -107,6 +107,10 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
     """``"averaged"``: the method takes ``[B, D]`` features; a temporal layout is averaged over each video's valid
     rows once, when the data is loaded. ``"temporal"``: ``[B, L, D]`` with masks. ``"any"``: the method copes."""
 
+    average_normalized_video: ClassVar[bool] = False
+    """``inputs = "averaged"`` on a temporal layout: each video row is L2-normalised before the mean (TCAF's
+    input normalisation applied before averaging, baselines.md §1.1)."""
+
     trainable: ClassVar[bool] = True
     """``False``: nothing to train (no parameters); the configs must set ``epochs: 0`` and the protocol runs
     zero-epoch stages (the initial model is evaluated)."""

@@ -21,7 +21,9 @@ stream over base and novel samples together (``Substage.joint``) except TSL's fi
   checks that it changes the novel columns).
 
 ProtoGAN [PROPOSED, §3.8; no code exists]: ``x = L2norm([mean_t v_t ; mean_t a_t / 255])`` (4224; video rows
-L2-normalised first, TCAF's normalisation, the mean over the valid rows of the untrimmed sequence, §1.1);
+L2-normalised first, TCAF's normalisation, the mean over the valid rows of the untrimmed sequence, §1.1; computed
+once per video when the data is loaded, ``inputs = "averaged"``; ``--compat official`` keeps the per-row video
+normalisation);
 prototypes ``p_c`` = mean of ``x`` over the class's training samples of the stage (base: all, novel: the k shots;
 ``observe_training_set``); ``G([z (128) ; p_c]) = L2norm(ReLU(Linear(4096, 4224)(LeakyReLU_0.2(Linear(4352,
 4096)))))``, ``D([x ; p_c]) = Linear(4096, 1)(LeakyReLU_0.2(Linear(8448, 4096)))``; classifier Adam 1e-3 (0.5,
@@ -139,7 +141,11 @@ class ConditionalCritic(nn.Module):
 
 
 def concat_average(batch: Batch, official: bool = False) -> Tensor:
-    """ProtoGAN's input ``L2norm([mean_t v_t ; mean_t a_t / 255])`` [B, Dv + Da] over each video's valid rows."""
+    """ProtoGAN's input ``L2norm([mean_t v_t ; mean_t a_t / 255])`` [B, Dv + Da] over each video's valid rows (video
+    rows L2-normalised first). An averaged batch (the protocol's ``average_normalized_video`` store) holds the
+    means already."""
+    if batch.audio.dim() == 2 and batch.video.dim() == 2:
+        return F.normalize(torch.cat((batch.video, batch.audio / 255.0), dim=1), dim=1)
     a, v, am, vm, _, _ = normalised_sequences(batch, "ProtoGAN", official)
     return F.normalize(torch.cat((masked_mean(v, vm), masked_mean(a, am)), dim=1), dim=1)
 
@@ -345,6 +351,8 @@ class GenerativeFewShot(Method):
 class ProtoGAN(GenerativeFewShot):
     name: ClassVar[str] = "protogan"
     config_class: ClassVar[type[BaseModel]] = ProtoGANConfig
+    inputs: ClassVar[str] = "averaged"  # the protocol averages each video once, video rows L2-normalised first
+    average_normalized_video: ClassVar[bool] = True
 
     def __init__(self, config: ProtoGANConfig, dims: InputDims, compat: str = "none", classes=None):
         feat = dims.audio + dims.video
@@ -355,8 +363,8 @@ class ProtoGAN(GenerativeFewShot):
         """``p_c`` = mean of ``L2norm([v_bar ; a_bar / 255])`` over the class's training samples of the stage."""
         super().observe_training_set(store, indices)
         idx = torch.as_tensor(np.asarray(indices), dtype=torch.int64)
-        x = torch.cat((store.video.means(idx, normalize_rows=True), store.audio.means(idx) / 255.0), dim=1)
-        x = F.normalize(x, dim=1)
+        v = store.video.means(idx, normalize_rows=store.temporal)  # an averaged store holds the normalised means
+        x = F.normalize(torch.cat((v, store.audio.means(idx) / 255.0), dim=1), dim=1)
         labels = store.labels[idx]
         n = len(store.classes)
         sums = torch.zeros(n, x.shape[1]).index_add_(0, labels, x)

@@ -141,8 +141,9 @@ class RunContext:
         from avlowshot.models import registry
 
         self.store = self.bench.store
-        if registry.method_class(cfg.method).inputs == "averaged":
-            self.store = self.store.averaged()  # temporal layouts: each video's mean over its valid rows
+        cls = registry.method_class(cfg.method)
+        if cls.inputs == "averaged":  # temporal layouts: each video's mean over its valid rows
+            self.store = self.store.averaged(normalize_video_rows=cls.average_normalized_video)
         self.protocol = self.bench.protocol(info["shots"])
         self.task = self.protocol.task
         order = "official" if self.compat == "official" else "by-name"
