@@ -231,9 +231,10 @@ def test_learns_gfsl_through_the_cli(synth_root, tmp_path, one_thread, method):
     root = synth_root("avdiff", "UCF", scale=0.05, shots=5)
     tiny = GAN_TINY
     if method == "tsl":
-        tiny = tiny + ["substage_epochs.representation=3", "model.representation_n_batches=20",
-                       "model.representation_batch_size=64", "model.representation_dim=64",
-                       "model.representation_lr=0.01"]  # fmt: skip
+        tiny = tiny + ["substage_epochs.representation=3", "model.representation_n_batches=15",
+                       "model.representation_batch_size=48", "model.representation_dim=64",
+                       "model.representation_lr=0.01", "model.pretrain_batch_size=32",
+                       "model.classifier_n_batches=15", "model.classifier_batch_size=48"]  # fmt: skip
     run_dir, rec = _cli(method, root, tmp_path, tiny)
     m, chance = rec["metrics"], 100 / 48
     assert rec["task"] == "gfsl" and len(rec["repeats"]) == 3
