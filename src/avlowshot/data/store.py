@@ -38,9 +38,10 @@ class Modality:
     def __len__(self) -> int:
         return int(self.offsets.numel() - 1) if self.offsets is not None else int(self.data.shape[0])
 
-    def averaged(self, chunk: int = 4096) -> Modality:
+    def averaged(self, chunk: int = 4096, normalize_rows: bool = False) -> Modality:
         """Each sample's mean over its rows, ``[N, D]`` float32 (a temporal feature set for methods on averaged
-        features). Computed ``chunk`` samples at a time, so a memory-mapped store is never converted whole."""
+        features; ``normalize_rows``: every row L2-normalised first). Computed ``chunk`` samples at a time, so a
+        memory-mapped store is never converted whole."""
         if self.offsets is None:
             return self
         n = len(self)
@@ -51,6 +52,8 @@ class Modality:
         for a in range(0, n, chunk):
             b = min(a + chunk, n)
             rows = self.data[int(self.offsets[a]) : int(self.offsets[b])].to(torch.float32)
+            if normalize_rows:
+                rows = torch.nn.functional.normalize(rows, dim=-1)
             out[a:b] = torch.segment_reduce(rows, "mean", lengths=lengths[a:b], axis=0)
         return Modality(out, None, self.step_seconds)
 
@@ -92,11 +95,13 @@ class FeatureStore:
     def temporal(self) -> bool:
         return self.audio.temporal
 
-    def averaged(self) -> FeatureStore:
-        """The same samples with each modality averaged over its valid rows (itself when already averaged)."""
+    def averaged(self, normalize_video_rows: bool = False) -> FeatureStore:
+        """The same samples with each modality averaged over its valid rows (itself when already averaged);
+        ``normalize_video_rows``: each video row L2-normalised before the mean (TCAF's input normalisation)."""
         if not self.temporal:
             return self
-        return replace(self, audio=self.audio.averaged(), video=self.video.averaged())
+        video = self.video.averaged(normalize_rows=normalize_video_rows)
+        return replace(self, audio=self.audio.averaged(), video=video)
 
     def in_folders(self, *names: str) -> np.ndarray:
         """Indices of the samples read from any of the given split folders (ascending)."""

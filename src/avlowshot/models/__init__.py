@@ -7,6 +7,7 @@ from avlowshot.models.avgzslnet import CJME, AVGZSLNet, AVGZSLNetConfig, CJMECon
 from avlowshot.models.base import InputDims, Method, Substage, count_parameters
 from avlowshot.models.bilinear import ALE, DEVISE, SJE, BilinearConfig
 from avlowshot.models.clipclap import ClipClap, ClipClapConfig
+from avlowshot.models.fsgen import TSL, ProtoGAN
 from avlowshot.models.fusion import AttentionFusion, Perceiver
 from avlowshot.models.fvaegan import FVAEGAN, FVAEGANConfig
 from avlowshot.models.hyperbolic import HyperAlignment, HyperMultiple, HyperSingle
@@ -41,9 +42,11 @@ __all__ = [
     "METHODS",
     "Method",
     "Perceiver",
+    "ProtoGAN",
     "Substage",
     "TCAF",
     "TCAFConfig",
+    "TSL",
     "TextMatch",
     "build_method",
     "config_model",

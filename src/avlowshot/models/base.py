@@ -32,8 +32,10 @@ class Substage:
     ``validate``: ``False`` trains the substage's epochs without validation and hands its last epoch on (stage 2
     trains as many; e.g. a generator whose quality only the next substage's classifier measures).
     ``steps``: named optimiser steps per iteration on the same batch (e.g. a GAN's ``("critic", "generator")``;
-    :meth:`Method.losses` gets ``step=name``); empty: one step. ``lr`` / ``adam_betas`` / ``batch_size`` /
-    ``n_batches``: the substage's own optimiser and batches (``None``: the run config's; Adam's betas (0.9, 0.999)).
+    :meth:`Method.losses` gets ``step=name``); empty: one step. ``lr`` / ``adam_betas`` / ``weight_decay`` /
+    ``batch_size`` / ``n_batches``: the substage's own optimiser and batches (``None``: the run config's; Adam's
+    betas (0.9, 0.999)). ``joint`` (GFSL): one class-uniform stream over base and novel samples together (a
+    one-stage GFSL model's sampler); in stage 2 such a substage, like a ``novel_stream`` one, is trained per repeat.
     """
 
     name: str
@@ -48,6 +50,8 @@ class Substage:
     steps: tuple[str, ...] = ()
     lr: float | None = None
     adam_betas: tuple[float, float] | None = None
+    weight_decay: float | None = None
+    joint: bool = False
     batch_size: int | None = None
     n_batches: int | None = None
 
@@ -105,6 +109,10 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
     """``"averaged"``: the method takes ``[B, D]`` features; a temporal layout is averaged over each video's valid
     rows once, when the data is loaded. ``"temporal"``: ``[B, L, D]`` with masks. ``"any"``: the method copes."""
 
+    average_normalized_video: ClassVar[bool] = False
+    """``inputs = "averaged"`` on a temporal layout: each video row is L2-normalised before the mean (TCAF's
+    input normalisation applied before averaging, baselines.md §1.1)."""
+
     trainable: ClassVar[bool] = True
     """``False``: nothing to train (no parameters); the configs must set ``epochs: 0`` and the protocol runs
     zero-epoch stages (the initial model is evaluated)."""
@@ -117,6 +125,10 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
     def observe_training_set(self, store, indices) -> None:  # noqa: B027 - optional hook, no-op by default
         """Called by the trainer before a stage (or substage) trains, with the store and the store indices of every
         sample it trains on (base and novel streams together), e.g. to compute class prototypes from them."""
+
+    def observe_novel_set(self, store, indices) -> None:  # noqa: B027 - optional hook, no-op by default
+        """Called after :meth:`observe_training_set` when the stage trains on few-shot novel samples (GFSL), with
+        their store indices (e.g. to know which classes to generate features of)."""
 
     def enter_substage(self, name: str) -> None:  # noqa: B027 - optional hook
         """Called before a substage trains (e.g. to freeze parts of the model)."""

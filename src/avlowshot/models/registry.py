@@ -15,6 +15,7 @@ from avlowshot.models.avgzslnet import CJME, AVGZSLNet
 from avlowshot.models.base import InputDims, Method
 from avlowshot.models.bilinear import ALE, DEVISE, SJE
 from avlowshot.models.clipclap import ClipClap
+from avlowshot.models.fsgen import TSL, ProtoGAN
 from avlowshot.models.fusion import AttentionFusion, Perceiver
 from avlowshot.models.fvaegan import FVAEGAN
 from avlowshot.models.hip import HiP
@@ -30,6 +31,7 @@ METHODS.update({cls.name: cls for cls in (HyperAlignment, HyperSingle, HyperMult
 METHODS.update({cls.name: cls for cls in (AttentionFusion, Perceiver, TextMatch)})
 METHODS.update({cls.name: cls for cls in (HiP, MBT, SLDG, Zorro)})
 METHODS.update({cls.name: cls for cls in (AVGZSLNet, CJME, ALE, DEVISE, SJE)})
+METHODS.update({cls.name: cls for cls in (ProtoGAN, TSL)})
 
 
 def shipped_configs(name: str) -> list[str]:

@@ -11,9 +11,10 @@ Run directory ``<log-dir>/<method>_<dataset>_<layout>[_<k>shot]_seed<N>[_officia
 
 Methods trained in substages (``Method.curriculum``, e.g. AV-DIFF: base, full) get one folder per substage:
 ``stage-1/<substage>/`` for each, ``stage-2/<substage>/`` for every substage but the last, and the last substage
-per repeat in ``stage-2/repeat-r/`` (GZSL: in ``stage-2/<substage>/``). A substage without validation
-(``Substage.validate``, e.g. f-VAEGAN's generator) hands its last epoch on. A substage starts from the
-previous one's best (stage 1) or last (stage 2) checkpoint, optionally with its optimiser state; stage 2 trains
+per repeat in ``stage-2/repeat-r/`` (GZSL: in ``stage-2/<substage>/``); an earlier substage that reads the novel
+shots (``novel_stream`` or ``joint``) is trained per repeat too, in ``stage-2/<substage>/repeat-r/``. A substage
+without validation (``Substage.validate``, e.g. f-VAEGAN's generator) hands its last epoch on. A substage starts
+from the previous one's best (stage 1) or last (stage 2) checkpoint, optionally with its optimiser state; stage 2 trains
 each substage for its stage-1 best + 1 epochs and replays its stage-1 LR drops.
 
 Stage 1 trains on stage-1 train (GFSL: base + the stage-1 novel shots), validates on stage-1 val after every epoch
@@ -146,8 +147,9 @@ class RunContext:
         from avlowshot.models import registry
 
         self.store = self.bench.store
-        if registry.method_class(cfg.method).inputs == "averaged":
-            self.store = self.store.averaged()  # temporal layouts: each video's mean over its valid rows
+        cls = registry.method_class(cfg.method)
+        if cls.inputs == "averaged":  # temporal layouts: each video's mean over its valid rows
+            self.store = self.store.averaged(normalize_video_rows=cls.average_normalized_video)
         self.protocol = self.bench.protocol(info["shots"])
         self.task = self.protocol.task
         order = "official" if self.compat == "official" else "by-name"
@@ -417,6 +419,11 @@ def substage_epochs(cfg: RunConfig, sub) -> int:
     return cfg.epochs if sub.epochs_key is None else cfg.substage_epochs.get(sub.epochs_key, cfg.epochs)
 
 
+def reads_novel(sub) -> bool:
+    """The substage trains on the few-shot novel samples (a novel stream, or one joint stream with the base)."""
+    return sub.novel_stream or sub.joint
+
+
 def handed_on(outcome: StageOutcome) -> tuple[int, str]:
     """(stage-2 epochs, stage-1 checkpoint the next substage starts from) of a finished stage-1 substage: its
     best epoch, or its last for a substage trained without validation."""
@@ -436,8 +443,8 @@ def run_curriculum_stage1(ctx: RunContext, run_dir: Path, *, resume: bool, on_ep
             log.info("stage-1/%s: finished before, skipped", sub.name)
         else:
             init = None if prev_dir is None else (prev_dir, handed_on(outcomes[-1])[1])
-            novel = p.stage1_novel.indices if sub.novel_stream else None
-            trainer = _substage_trainer(ctx, 1, 0, i, sub, out, init, novel)
+            novel = p.stage1_novel.indices if reads_novel(sub) and p.stage1_novel is not None else None
+            trainer = _substage_trainer(ctx, 1, 0, i, sub, out, init, novel if sub.novel_stream else None)
             done = trainer.fit(
                 p.stage1_train.indices,
                 substage_epochs(ctx.cfg, sub),
@@ -458,18 +465,25 @@ def run_curriculum_stage2(ctx: RunContext, run_dir: Path, *, resume: bool, on_ep
     s1 = [read_summary(run_dir / "stage-1" / sub.name) for sub in subs]
     if any(s is None for s in s1):
         raise AvlowshotError(f"{run_dir / 'stage-1'}: stage 1 has not finished; run --run stage-1 (or all) first")
-    prev: tuple[Path, str] | None = None
+    n = ctx.n_repeats
+    prev: list[tuple[Path, str] | None] = [None] * n  # per repeat: where its next substage starts from
     for i, sub in enumerate(subs[:-1]):
-        out = run_dir / "stage-2" / sub.name
-        done = read_summary(out)
-        if done is None or not resume:
-            novel = p.stage2_novel[0].indices if sub.novel_stream else None
-            trainer = _substage_trainer(ctx, 2, 0, i, sub, out, prev, novel)
-            done = trainer.fit(
-                p.stage2_train.indices, handed_on(s1[i])[0], schedule="replay", replay_drops=s1[i].lr_drops,
-                resume=resume, on_epoch_end=on_epoch_end, novel_indices=novel,
-            )  # fmt: skip
-        prev = (out, done.checkpoint_last)
+        # a substage that reads the novel shots is trained once per repeat, on that repeat's shots
+        per_repeat = reads_novel(sub) and bool(p.stage2_novel) and n > 1
+        for r in range(n) if per_repeat else [0]:
+            out = run_dir / "stage-2" / sub.name / (f"repeat-{r}" if per_repeat else "")
+            done = read_summary(out)
+            if done is None or not resume:
+                novel = p.stage2_novel[r].indices if reads_novel(sub) and p.stage2_novel else None
+                trainer = _substage_trainer(ctx, 2, r, i, sub, out, prev[r], novel if sub.novel_stream else None)
+                done = trainer.fit(
+                    p.stage2_train.indices, handed_on(s1[i])[0], schedule="replay", replay_drops=s1[i].lr_drops,
+                    resume=resume, on_epoch_end=on_epoch_end, novel_indices=novel,
+                )  # fmt: skip
+            if per_repeat:
+                prev[r] = (out, done.checkpoint_last)
+            else:
+                prev = [(out, done.checkpoint_last)] * n
     outcomes = []
     last, i = subs[-1], len(subs) - 1
     for r, out in enumerate(ctx.stage2_dirs(run_dir)):
@@ -478,8 +492,8 @@ def run_curriculum_stage2(ctx: RunContext, run_dir: Path, *, resume: bool, on_ep
             log.info("stage-2/repeat-%d: finished before, skipped", r)
             outcomes.append(done)
             continue
-        novel = p.stage2_novel[r].indices if last.novel_stream else None
-        trainer = _substage_trainer(ctx, 2, r, i, last, out, prev, novel)
+        novel = p.stage2_novel[r].indices if reads_novel(last) and p.stage2_novel else None
+        trainer = _substage_trainer(ctx, 2, r, i, last, out, prev[r], novel if last.novel_stream else None)
         outcomes.append(
             trainer.fit(
                 p.stage2_train.indices,

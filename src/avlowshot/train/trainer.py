@@ -323,7 +323,8 @@ class Trainer:
         # A method without trainable parameters (text-match) has no optimiser; it only runs zero-epoch stages.
         lr = substage.lr if substage is not None and substage.lr is not None else cfg.lr
         betas = substage.adam_betas if substage is not None and substage.adam_betas is not None else (0.9, 0.999)
-        self.optimizer = torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=cfg.weight_decay) if params else None
+        wd = substage.weight_decay if substage is not None and substage.weight_decay is not None else cfg.weight_decay
+        self.optimizer = torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=wd) if params else None
         self.batch_size = substage.batch_size if substage is not None and substage.batch_size else cfg.batch_size
         self.n_batches = substage.n_batches if substage is not None and substage.n_batches else cfg.n_batches
         self.scheduler = None
@@ -393,7 +394,8 @@ class Trainer:
         With ``cfg.lr_scheduler`` false the LR never changes.
 
         With a ``substage`` (curriculum methods): ``novel_indices`` is the novel stream of a ``novel_stream``
-        substage (every iteration: one step on a base batch, one on a novel batch); validation uses the substage's
+        substage (every iteration: one step on a base batch, one on a novel batch), or of a ``joint`` one (one
+        class-uniform stream over both); validation uses the substage's
         grid and metric (``val_metric``) for best-epoch selection and the schedule.
         """
         if epochs == 0:
@@ -405,8 +407,11 @@ class Trainer:
         if schedule == "val" and val is None:
             raise ValueError("schedule='val' needs a validation split")
         cfg = self.cfg
-        sampler = ClassBalancedSampler(self.store.labels.numpy(), train_indices, self.batch_size, self.n_batches)
         sub = self.substage
+        stream = train_indices
+        if sub is not None and sub.joint and novel_indices is not None:
+            stream = np.union1d(train_indices, novel_indices)
+        sampler = ClassBalancedSampler(self.store.labels.numpy(), stream, self.batch_size, self.n_batches)
         novel_sampler = None
         if sub is not None and sub.novel_stream:
             if novel_indices is None:
@@ -416,6 +421,8 @@ class Trainer:
             )
         seen_by_method = train_indices if novel_indices is None else np.union1d(train_indices, novel_indices)
         self.method.observe_training_set(self.store, seen_by_method)
+        if novel_indices is not None:
+            self.method.observe_novel_set(self.store, novel_indices)
         grid = sub.beta_grid if sub is not None and sub.beta_grid else cfg.beta_grid
         val_key = sub.val_metric if sub is not None else "hm"
         betas = metrics.beta_grid(grid) if val is not None else None
