@@ -302,7 +302,9 @@ def open_or_build(
     if rebuild:
         discard(target)
     built = False
-    for _ in range(3):  # a concurrent --rebuild-cache may take the folder away between build and open
+    for attempt in range(10):  # a concurrent --rebuild-cache may take the folder away between build and open
+        if attempt:
+            time.sleep(0.05 * attempt)  # let the rebuilding process finish
         opened = open_cache(target, temporal, steps)
         if opened is not None and verify and not built:
             changed = verify_contents(opened["meta"], files)
@@ -329,7 +331,7 @@ def open_or_build(
         built = True
         if stale_prefix is not None and root is not None:
             remove_stale(target.parent, stale_prefix, target.name, root)
-    raise OSError(f"{target}: the cache folder vanished three times while it was opened (is another process "
+    raise OSError(f"{target}: the cache folder vanished ten times while it was opened (is another process "
                   "rebuilding it in a loop?)")  # fmt: skip
 
 
