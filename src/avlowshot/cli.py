@@ -33,7 +33,7 @@ def main(version: bool = typer.Option(False, "--version", help="Print the versio
         raise typer.Exit()
 
 
-@app.command()
+@app.command(epilog="Example: avlowshot synth --layout avca-cls --dataset UCF --scale 0.3 --seed 0 --out demo/UCF")
 def synth(
     layout: str = typer.Option(..., help=LAYOUT_HELP),
     dataset: str = typer.Option(..., help=DATASET_HELP),
@@ -68,7 +68,7 @@ def synth(
     console.print(f"wrote {root}")
 
 
-@app.command("check-data")
+@app.command("check-data", epilog="Example: avlowshot check-data --layout tcaf-cls --root-dir data/UCF --dataset UCF")
 def check_data(
     layout: str = typer.Option(..., help=LAYOUT_HELP),
     root_dir: Path = typer.Option(..., help="The unpacked dataset folder (holds class-split/ and features/)."),
@@ -113,7 +113,7 @@ def _config_summary(names: list[str]) -> str:
     return ", ".join(names)
 
 
-@app.command("methods")
+@app.command("methods", epilog="Examples: avlowshot methods; avlowshot methods avdiff")
 def methods(
     name: str = typer.Argument(None, help="A method: print its model card (e.g. `avlowshot methods avca`)."),
 ) -> None:

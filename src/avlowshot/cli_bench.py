@@ -52,7 +52,10 @@ def summary_table(rec: dict) -> Table:
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("bench")
+    @app.command(
+        "bench",
+        epilog="Example: avlowshot bench --method tcaf --layout tcaf-cls --dataset UCF --scale 1.0 --batches 10",
+    )
     def bench_cmd(
         method: str = typer.Option(..., help="Method name, e.g. avca."),
         layout: str = typer.Option(..., help=LAYOUT_HELP),

@@ -12,7 +12,7 @@ from avlowshot.errors import AvlowshotError, WeightsError
 
 
 def register(app: typer.Typer) -> None:
-    @app.command()
+    @app.command(epilog="Example: avlowshot download --dataset UCF --features cls --to data")
     def download(
         dataset: str = typer.Option(..., help=DATASET_HELP),
         features: str = typer.Option(

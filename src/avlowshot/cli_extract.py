@@ -41,7 +41,7 @@ def text_files(encoder, names: list[str], family: str) -> list[tuple[str, object
 
 
 def register(app: typer.Typer) -> None:
-    @app.command()
+    @app.command(epilog="Example: avlowshot extract --features cls --videos videos/ --out data/Mine --weights weights/")
     def extract(
         features: str = typer.Option(..., help="cls (C3D + VGGish) | clipclap (CLIP image + CLAP audio)."),
         videos: Path = typer.Option(..., help="A folder <class>/<video file>, or a csv list with columns path,class."),
@@ -133,7 +133,10 @@ def register(app: typer.Typer) -> None:
         layout = LAYOUTS_OF[features][0]
         console.print(f"next: avlowshot check-data --layout {layout} --root-dir {out} --dataset {dataset}")
 
-    @app.command("embed-classes")
+    @app.command(
+        "embed-classes",
+        epilog="Example: avlowshot embed-classes --encoder minilm --classes classes.txt --out text/word_embeddings.npy",
+    )
     def embed_classes(
         encoder: str = typer.Option("minilm", help=ENCODER_HELP),
         classes: Path = typer.Option(..., help="One class name per line, or a csv with a 'manual' column."),
@@ -157,7 +160,9 @@ def register(app: typer.Typer) -> None:
         for path, part in targets:
             console.print(f"wrote {path}: {len(names)} classes x {part.dim} ({part.name})")
 
-    @app.command()
+    @app.command(
+        epilog='Example: avlowshot predict --run-dir runs/RUN --features clip.npz --classes "knitting, horse riding"'
+    )
     def predict(
         run_dir: Path = typer.Option(..., help="A finished run folder (<log-dir>/<method>_<dataset>_..._seed<N>)."),
         video: Path = typer.Option(None, help="A video file (needs --weights)."),

@@ -11,7 +11,11 @@ from avlowshot.errors import AvlowshotError
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("import-run")
+    @app.command(
+        "import-run",
+        epilog="Example: avlowshot import-run --from tcaf --ref-dir models/UCF --layout tcaf-cls --dataset UCF "
+        "--root-dir data/UCF --out runs/tcaf_UCF_authors",
+    )
     def import_run_cmd(
         from_: str = typer.Option(..., "--from", help="avca | tcaf | clipclap | avdiff: the reference code base."),
         ref_dir: Path = typer.Option(

@@ -113,7 +113,11 @@ def _resume_command(ctx) -> str:
 def register(app: typer.Typer) -> None:
     """Add ``run``, ``evaluate`` and ``report`` to ``app``."""
 
-    @app.command("run")
+    @app.command(
+        "run",
+        epilog="Example: avlowshot run --method avca --layout avca-cls --dataset UCF --root-dir demo/UCF "
+        "--log-dir runs --set epochs=8",
+    )
     def run_cmd(
         ctx: typer.Context,
         method: str = typer.Option(..., help="Method name, e.g. avca."),
@@ -194,7 +198,7 @@ def register(app: typer.Typer) -> None:
         else:
             console.print(f"{run} finished: {spec.run_dir}")
 
-    @app.command("evaluate")
+    @app.command("evaluate", epilog="Example: avlowshot evaluate --run-dir runs/avca_UCF_avca-cls_seed42")
     def evaluate_cmd(
         run_dir: Path = typer.Option(..., help="A run directory (holds run.json, config.yaml, stage-1/, stage-2/)."),
         root_dir: Path = typer.Option(None, help="Dataset root, if it moved since the run."),
@@ -220,7 +224,7 @@ def register(app: typer.Typer) -> None:
             raise fail(exc) from None
         print_result(result)
 
-    @app.command("report")
+    @app.command("report", epilog="Example: avlowshot report --log-dir runs --table avdiff-table2 --format latex")
     def report_cmd(
         log_dir: Path = typer.Option(..., help="Folder searched for result.json files."),
         format: str = typer.Option("markdown", "--format", help="markdown | csv | latex"),

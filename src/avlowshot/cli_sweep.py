@@ -20,7 +20,10 @@ def _ints(text: str | None) -> list[int] | None:
 def register(app: typer.Typer) -> None:
     """Add ``sweep``, ``tables``, ``tune`` and ``plot`` to ``app``."""
 
-    @app.command("sweep")
+    @app.command(
+        "sweep",
+        epilog="Example: avlowshot sweep --table avdiff-table2 --root-dir /data/avdiff --seeds 1,2,3 --log-dir runs",
+    )
     def sweep_cmd(
         grid: Path = typer.Argument(None, help="A grid YAML file (or use --table NAME)."),
         table: str = typer.Option(None, help="A named paper table (avlowshot tables lists them)."),
@@ -95,7 +98,7 @@ def register(app: typer.Typer) -> None:
         if summary.failed:
             raise typer.Exit(1)
 
-    @app.command("tables")
+    @app.command("tables", epilog="Examples: avlowshot tables; avlowshot tables avdiff-table2")
     def tables_cmd(name: str = typer.Argument(None, help="One table (default: all).")) -> None:
         """List the named paper tables: rows (method + config) and columns (dataset, features, shots, metric)."""
         from avlowshot.sweeps.tables import describe, get_table, table_names
@@ -107,7 +110,11 @@ def register(app: typer.Typer) -> None:
             raise fail(exc) from None
         sys.stdout.write(text)
 
-    @app.command("tune")
+    @app.command(
+        "tune",
+        epilog="Example: avlowshot tune --method avca --layout avca-cls --dataset UCF --root-dir demo/UCF "
+        "--log-dir tune --space lr=loguniform:1e-4:1e-2",
+    )
     def tune_cmd(
         method: str = typer.Option(..., help="Method name, e.g. avca."),
         layout: str = typer.Option(..., help="Layout of the dataset root."),
@@ -154,7 +161,7 @@ def register(app: typer.Typer) -> None:
             soft_wrap=True,
         )
 
-    @app.command("plot")
+    @app.command("plot", epilog="Example: avlowshot plot runs --table avdiff-table2")
     def plot_cmd(
         path: Path = typer.Argument(..., help="A run directory, or a log dir (every run below it)."),
         out: Path = typer.Option(None, help="Output folder (default: <run-dir>/plots, <log-dir>/plots)."),
