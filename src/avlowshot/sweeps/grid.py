@@ -107,7 +107,8 @@ class RunRequest:
         """The run directory relative to the sweep's log dir."""
         from avlowshot.train.protocol import run_name
 
-        name = run_name(self.method, self.dataset, self.layout, self.shots, self.run_seed, self.compat)
+        config_variant = self.resolved.get("variant") if self.resolved is not None else None  # a shipped variant
+        name = run_name(self.method, self.dataset, self.layout, self.shots, self.run_seed, self.compat, config_variant)
         return f"{self.variant}/{name}" if self.variant else name
 
     @property
