@@ -16,6 +16,14 @@ import torch
 from avlowshot.data.classes import ClassTable
 
 
+def _segment_means(rows: torch.Tensor, lengths: torch.Tensor, normalize_rows: bool) -> torch.Tensor:
+    """Means of consecutive runs of ``lengths`` rows, in float32 (rows L2-normalised first if asked)."""
+    x = rows.to(torch.float32)
+    if normalize_rows:
+        x = torch.nn.functional.normalize(x, dim=-1)
+    return torch.segment_reduce(x, "mean", lengths=lengths, axis=0)
+
+
 @dataclass
 class Modality:
     data: torch.Tensor  # [N, D] (averaged) or [sum T, D] (temporal), dtype as stored
@@ -51,10 +59,8 @@ class Modality:
             raise ValueError("a temporal sample without rows cannot be averaged")
         for a in range(0, n, chunk):
             b = min(a + chunk, n)
-            rows = self.data[int(self.offsets[a]) : int(self.offsets[b])].to(torch.float32)
-            if normalize_rows:
-                rows = torch.nn.functional.normalize(rows, dim=-1)
-            out[a:b] = torch.segment_reduce(rows, "mean", lengths=lengths[a:b], axis=0)
+            rows = self.data[int(self.offsets[a]) : int(self.offsets[b])]  # contiguous: a slice, no gather
+            out[a:b] = _segment_means(rows, lengths[a:b], normalize_rows)
         return Modality(out, None, self.step_seconds)
 
     def means(self, indices: torch.Tensor, normalize_rows: bool = False) -> torch.Tensor:
@@ -68,10 +74,7 @@ class Modality:
         rows = torch.repeat_interleave(begin - torch.cumsum(lengths, 0) + lengths, lengths) + torch.arange(
             int(lengths.sum())
         )
-        x = self.data[rows].to(torch.float32)
-        if normalize_rows:
-            x = torch.nn.functional.normalize(x, dim=-1)
-        return torch.segment_reduce(x, "mean", lengths=lengths, axis=0)
+        return _segment_means(self.data[rows], lengths, normalize_rows)
 
 
 @dataclass
