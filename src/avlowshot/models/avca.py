@@ -150,8 +150,11 @@ class AVCA(Method):
         rho_w = self.D(theta_w)
         with torch.no_grad():  # output unused by the loss; the call only moves D's BN statistics and dropout RNG
             self.D(theta_w_neg)
-        a_att, v_att = self._attend(phi_a, phi_v)
-        a_att_neg, v_att_neg = self._attend(phi_a_neg, phi_v_neg)
+        # One transformer call for positives and negatives: it has no BatchNorm, so every row gets what its own
+        # call would give (to rounding), in half the kernels.
+        a_both, v_both = self._attend(torch.cat((phi_a, phi_a_neg)), torch.cat((phi_v, phi_v_neg)))
+        sizes = (len(phi_a), len(phi_a_neg))
+        (a_att, a_att_neg), (v_att, v_att_neg) = a_both.split(sizes), v_both.split(sizes)
         theta_v = self.V_proj(v_att)
         theta_v_neg = self.V_proj(v_att_neg)
         theta_a = self.A_proj(a_att)

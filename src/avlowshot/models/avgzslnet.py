@@ -71,7 +71,7 @@ from torch import Tensor, nn
 
 from avlowshot.data.batching import Batch
 from avlowshot.models.base import InputDims, Method, check_averaged
-from avlowshot.models.layers import Dropout
+from avlowshot.models.layers import Dropout, apply_each
 
 DIM_OUT = 64  # hard-coded joint space of both models
 ENTROPY_MARGIN = 0.1  # CJMELoss.epsilon
@@ -195,15 +195,12 @@ class _TripletBaseline(Method):
         check_averaged(batch, name)
         check_averaged(negative, name)
         net = self.triplet_net
-        # Reference order (TripletNet.forward): positive a, v, t, then negative a, v, t; each call is one BN batch.
-        return (
-            net.embedding_net1(batch.audio),
-            net.embedding_net2(batch.video),
-            net.embedding_net3(text),
-            net.embedding_net1(negative.audio),
-            net.embedding_net2(negative.video),
-            net.embedding_net3(negative_text),
-        )
+        # TripletNet.forward: positive a, v, t, then negative a, v, t, each call one BN batch (apply_each keeps
+        # that with BN and stacks positives and negatives without).
+        a1, a2 = apply_each(net.embedding_net1, batch.audio, negative.audio)
+        v1, v2 = apply_each(net.embedding_net2, batch.video, negative.video)
+        t1, t2 = apply_each(net.embedding_net3, text, negative_text)
+        return a1, v1, t1, a2, v2, t2
 
 
 class AVGZSLNet(_TripletBaseline):
@@ -230,9 +227,9 @@ class AVGZSLNet(_TripletBaseline):
             DIM_OUT, dims.text, c.decoder_dropout, c.decoder_use_bn, c.decoder_hidden_size
         )
 
-    def _decode(self, x: Tensor) -> Tensor:
-        out = self.decoder_net.embedding_net(x)
-        return F.normalize(out, dim=1) if self.config.normalize_decoder_outputs else out
+    def _decode(self, *xs: Tensor) -> list[Tensor]:
+        outs = apply_each(self.decoder_net.embedding_net, *xs)
+        return [F.normalize(o, dim=1) for o in outs] if self.config.normalize_decoder_outputs else outs
 
     def losses(
         self, batch: Batch, text: Tensor, negative: Batch | None = None, negative_text: Tensor | None = None
@@ -242,7 +239,7 @@ class AVGZSLNet(_TripletBaseline):
         c = self.config
         a1, v1, t1, a2, v2, t2 = self._embed(batch, negative, text, negative_text, "AVGZSLNet")
         # DecoderNet order: a_p, v_p, t_p, a_q, v_q.
-        x_ta1, x_tv1, x_tt1, x_ta2, x_tv2 = (self._decode(x) for x in (a1, v1, t1, a2, v2))
+        x_ta1, x_tv1, x_tt1, x_ta2, x_tv2 = self._decode(a1, v1, t1, a2, v2)
         sq = c.distance_fn == "SquaredL2Loss"
         m = c.margin
         out = {

@@ -60,6 +60,16 @@ def precision(device: torch.device, amp: str):
     return torch.autocast(device.type, dtype=torch.bfloat16) if on else contextlib.nullcontext()
 
 
+def adam(params: list[torch.nn.Parameter], **kwargs: Any) -> torch.optim.Adam:
+    """``torch.optim.Adam`` with PyTorch's fused kernel where it has one for these parameters (CPU and CUDA floats):
+    one pass over all tensors instead of a dozen small kernels per tensor. The same update to float rounding
+    (tested); measured on AVCA's 3.3 M parameters (59 tensors), 2 threads: 9.6 -> 2.6 ms per step."""
+    try:
+        return torch.optim.Adam(params, fused=True, **kwargs)
+    except RuntimeError:  # a device or dtype without the fused kernel
+        return torch.optim.Adam(params, **kwargs)
+
+
 def compile_method(method) -> None:
     """``torch.compile`` the method's loss and sample encoder in place (dynamic shapes: temporal batches vary in
     length). The parameters and the state dict are the module's own, so checkpoints are unchanged."""
@@ -324,7 +334,7 @@ class Trainer:
         lr = substage.lr if substage is not None and substage.lr is not None else cfg.lr
         betas = substage.adam_betas if substage is not None and substage.adam_betas is not None else (0.9, 0.999)
         wd = substage.weight_decay if substage is not None and substage.weight_decay is not None else cfg.weight_decay
-        self.optimizer = torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=wd) if params else None
+        self.optimizer = adam(params, lr=lr, betas=betas, weight_decay=wd) if params else None
         self.batch_size = substage.batch_size if substage is not None and substage.batch_size else cfg.batch_size
         self.n_batches = substage.n_batches if substage is not None and substage.n_batches else cfg.n_batches
         self.scheduler = None

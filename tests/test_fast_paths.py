@@ -1,0 +1,94 @@
+"""The speed paths give the numbers of the plain PyTorch calls they replace: the 16-bit dropout mask, the
+broadcast attention for a few tokens and the fused Adam of the trainer."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from avlowshot.models.avca import AVCA, AVCAConfig
+from avlowshot.models.base import InputDims
+from avlowshot.models.layers import Dropout, short_attention
+from avlowshot.train.trainer import adam
+
+
+@pytest.mark.parametrize("p", [0.8, 0.5, 0.1])
+def test_dropout_mask_is_unbiased(p):
+    torch.manual_seed(0)
+    x = torch.ones(301, 997)  # numel not a multiple of 4: the last 64-bit draw is cut
+    y = Dropout(p).train()(x)
+    kept = y != 0
+    assert abs(float(kept.float().mean()) - (1 - p)) < 0.005
+    assert abs(float(y.mean()) - 1.0) < 0.01  # E[dropout(x)] = x
+    scale = y[kept].unique()
+    assert scale.numel() == 1 and abs(float(scale) * (1 - p) - 1) < 2e-5  # keep probability rounded to 2^-16
+
+
+def test_dropout_gradient_is_the_mask_and_eval_is_identity():
+    torch.manual_seed(1)
+    drop = Dropout(0.2).train()
+    x = torch.ones(200, 500, requires_grad=True)
+    y = drop(x)
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())
+    assert torch.equal(drop.eval()(x), x)
+    torch.manual_seed(1)
+    assert torch.equal(Dropout(0.2).train()(x), y)  # seeded: the same mask
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+@pytest.mark.parametrize("masked", [False, True])
+def test_short_attention_equals_sdpa(n, masked):
+    torch.manual_seed(n)
+    q, k, v = (torch.randn(5, 3, n, 16, requires_grad=True) for _ in range(3))
+    mask = None
+    if masked:
+        blocked = torch.rand(5, 1, n, n) < 0.3
+        blocked[..., 0] = False  # every query keeps one key
+        mask = torch.zeros(5, 1, n, n).masked_fill_(blocked, torch.finfo(torch.float32).min)
+    ours = short_attention(q, k, v, mask)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert torch.allclose(ours, ref, atol=1e-6)
+    g_ours = torch.autograd.grad(ours.square().sum(), (q, k, v))
+    g_ref = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    for a, b in zip(g_ours, g_ref):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def _weights_after(steps: int, fused: bool, resume_from_loop_at: int | None = None) -> list[torch.Tensor]:
+    """A tiny MLP (weight decay) trained by ``steps`` Adam steps on fixed data; ``resume_from_loop_at``: the
+    loop Adam runs the first steps and its state is loaded into the fused one (a checkpoint of an older run)."""
+    torch.manual_seed(0)
+    # no BN: the bias before a BN gets a gradient of pure rounding noise, which Adam scales up to lr per step
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    params = list(model.parameters())
+    kwargs = {"lr": 1e-2, "betas": (0.9, 0.999), "weight_decay": 1e-5}
+    opt = adam(params, **kwargs) if fused and resume_from_loop_at is None else torch.optim.Adam(params, **kwargs)
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(32, 6, generator=g), torch.randn(32, 3, generator=g)
+    for step in range(steps):
+        if step == resume_from_loop_at:
+            state = opt.state_dict()
+            opt = adam(params, **kwargs)
+            opt.load_state_dict(state)
+        loss = F.mse_loss(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    assert bool(opt.defaults["fused"]) == fused
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_fused_adam_gives_the_weights_of_the_loop_adam():
+    start = _weights_after(0, fused=False)
+    loop = _weights_after(50, fused=False)
+    moved = max(float((a - s).abs().max()) for a, s in zip(loop, start))
+    assert moved > 0.1  # the steps did move the weights
+    for fused in (_weights_after(50, fused=True), _weights_after(50, fused=True, resume_from_loop_at=20)):
+        diff = max(float((a - b).abs().max()) for a, b in zip(loop, fused))
+        assert diff < 1e-5, diff
+
+
+def test_the_trainer_optimiser_is_fused_on_the_cpu():
+    model = AVCA(AVCAConfig(embeddings_hidden_size=32), InputDims(audio=12, video=10, text=8))
+    opt = adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    assert opt.defaults["fused"] is True
