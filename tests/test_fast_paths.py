@@ -50,7 +50,7 @@ def test_short_attention_equals_sdpa(n, masked):
     assert torch.allclose(ours, ref, atol=1e-6)
     g_ours = torch.autograd.grad(ours.square().sum(), (q, k, v))
     g_ref = torch.autograd.grad(ref.square().sum(), (q, k, v))
-    for a, b in zip(g_ours, g_ref):
+    for a, b in zip(g_ours, g_ref, strict=True):
         assert torch.allclose(a, b, atol=1e-5)
 
 
@@ -81,10 +81,10 @@ def _weights_after(steps: int, fused: bool, resume_from_loop_at: int | None = No
 def test_fused_adam_gives_the_weights_of_the_loop_adam():
     start = _weights_after(0, fused=False)
     loop = _weights_after(50, fused=False)
-    moved = max(float((a - s).abs().max()) for a, s in zip(loop, start))
+    moved = max(float((a - s).abs().max()) for a, s in zip(loop, start, strict=True))
     assert moved > 0.1  # the steps did move the weights
     for fused in (_weights_after(50, fused=True), _weights_after(50, fused=True, resume_from_loop_at=20)):
-        diff = max(float((a - b).abs().max()) for a, b in zip(loop, fused))
+        diff = max(float((a - b).abs().max()) for a, b in zip(loop, fused, strict=True))
         assert diff < 1e-5, diff
 
 
