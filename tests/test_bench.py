@@ -60,3 +60,32 @@ def test_bench_refuses_bad_requests(tmp_path):
     assert res.exit_code == 2 and "nope" in res.output
     res = runner.invoke(app, base + ["--method", "avca", "--batches", "0"])
     assert res.exit_code == 2 and "--batches" in res.output
+
+
+def test_bench_table_rows_cover_every_trainable_method():
+    from avlowshot.bench import table_rows
+    from avlowshot.models.registry import METHODS
+
+    ucf = {r.method: r for r in table_rows("UCF")}
+    assert set(ucf) == {n for n, c in METHODS.items() if c.trainable}
+    assert (ucf["avca"].layout, ucf["clipclap"].layout, ucf["tcaf"].layout) == ("avca-cls", "clipclap", "tcaf-cls")
+    assert (ucf["avdiff"].layout, ucf["avdiff"].shots, ucf["perceiver"].layout) == ("avdiff", 5, "avdiff")
+    vgg = {r.method: r for r in table_rows("VGGSound")}
+    assert (vgg["mbt"].layout, vgg["mbt"].shots) == ("tcaf-cls", 5)
+
+
+def test_bench_table_runs_each_row_in_its_own_process_and_prints_markdown(tmp_path):
+    args = ["bench-table", "--dataset", "UCF", "--methods", "ale", "--scale", "0.03", "--batches", "1",
+            "--work-dir", str(tmp_path), "--out", str(tmp_path / "speed.md")]  # fmt: skip
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    record = json.loads((tmp_path / "results" / "ale_UCF_avca-cls_scale0.03_cpu.json").read_text())
+    assert record["method"] == "ale" and record["train"]["batch_size"] == 256  # the published batch size
+    table = (tmp_path / "speed.md").read_text()
+    assert table.splitlines()[0].startswith("| method | benchmark | batch | ms / step")
+    row = table.splitlines()[2]
+    assert row.startswith("| ale | UCF avca-cls (") and row in res.output
+    again = runner.invoke(app, args + ["--reuse"])  # the record is kept, not measured again
+    assert again.exit_code == 0 and row in again.output
+    res = runner.invoke(app, ["bench-table", "--dataset", "UCF", "--methods", "ale,nope", "--work-dir", str(tmp_path)])
+    assert res.exit_code == 2 and "unknown method(s) nope" in res.output

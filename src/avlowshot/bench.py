@@ -395,3 +395,77 @@ def threads(n: int | None):
 
     with pinned(n):
         yield
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The speed table: one row per trainable method and dataset, each measured in its own process
+
+
+# In both papers' tables; timed in AV-DIFF's (their GFSL head), beside the other few-shot transformers.
+GFSL_FIRST = ("attention-fusion", "perceiver")
+TABLE_SHOTS = 5
+
+
+@dataclass(frozen=True)
+class TableRow:
+    method: str
+    layout: str
+    shots: int | None
+
+
+def table_rows(dataset: str, methods: list[str] | None = None) -> list[TableRow]:
+    """The README speed table's rows for ``dataset``, in registry order: GZSL methods on the features of their
+    paper's table (averaged methods on avca-cls, ClipClap on clipclap, TCAF on tcaf-cls), GFSL methods at 5 shots
+    on the avdiff layout (VGGSound: the tcaf-cls features with ``--shots 5``, the derived few-shot benchmark, whose
+    23 GB serve every temporal method; a full-size avdiff VGGSound root would be another 23 GB). Methods without
+    trainable parameters (text-match) have no step to time."""
+    from avlowshot.models.registry import METHODS
+
+    unknown = sorted(set(methods or []) - set(METHODS))
+    if unknown:
+        raise AvlowshotError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
+    rows = []
+    for name, cls in METHODS.items():
+        if (methods and name not in methods) or not cls.trainable:
+            continue
+        if "gzsl" in cls.tasks and name not in GFSL_FIRST:
+            layout = "avca-cls" if "avca-cls" in cls.layouts else cls.layouts[0]
+            rows.append(TableRow(name, layout, None))
+        else:
+            layout = "tcaf-cls" if dataset == "VGGSound" else "avdiff"
+            rows.append(TableRow(name, layout, TABLE_SHOTS))
+    return rows
+
+
+def _gb(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 1e9:.2f}"
+
+
+def markdown_table(records: list[dict[str, Any]]) -> str:
+    """The README's speed table for bench records (one row each)."""
+    head = (
+        "| method | benchmark | batch | ms / step | data path | samples/s | s / 300 batches | GFLOP / step "
+        "| of GEMM peak | eval val / test (s) | anon / RSS GB |\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|\n"
+    )
+    lines = []
+    for r in records:
+        t, m = r["train"], r["memory"]
+        shots = f" {r['shots']}-shot" if r.get("shots") else ""
+        bench_name = f"{r['dataset']} {r['layout']}{shots} ({r['data']['videos']:,})"
+        splits = (r.get("eval") or {}).get("splits", {})
+        tests = [e["seconds"] for name, e in splits.items() if name.startswith("test")]
+        if "val" in splits:
+            test = f"{tests[0]:.1f}" if len(tests) == 1 else f"{min(tests):.1f}-{max(tests):.1f} (x{len(tests)})"
+            evals = f"{splits['val']['seconds']:.1f} / {test}"
+        else:
+            evals = "not timed"
+        frac = t.get("fraction_of_gemm_throughput")
+        lines.append(
+            f"| {r['method']} | {bench_name} | {t['batch_size']} | {t['seconds_per_batch'] * 1e3:.0f} "
+            f"| {100 * t['data_share']:.1f} % | {t['samples_per_second']:,.0f} "
+            f"| {t[f'seconds_per_{EPOCH_BATCHES}_batch_epoch']:.0f} | {t['flops_per_step'] / 1e9:.1f} "
+            f"| {'n/a' if frac is None else f'{100 * frac:.0f} %'} | {evals} "
+            f"| {_gb(m['peak_anon_bytes'])} / {_gb(m['peak_rss_bytes'])} |"
+        )
+    return head + "\n".join(lines) + "\n"

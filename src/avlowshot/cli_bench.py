@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import typer
@@ -90,3 +93,53 @@ def register(app: typer.Typer) -> None:
         bench.write_record(record, path)
         console.print(summary_table(record))
         console.print(f"record: {path}")
+
+    @app.command(
+        "bench-table",
+        epilog="Example: avlowshot bench-table --dataset UCF --methods avca,tcaf,avdiff --batches 10 --out speed.md",
+    )
+    def bench_table_cmd(
+        dataset: str = typer.Option(..., help=DATASET_HELP),
+        methods: str = typer.Option(None, help="Comma-separated methods (default: every trainable method)."),
+        scale: float = typer.Option(1.0, help="Synthetic benchmark size (1.0 = the real benchmark's size)."),
+        device: str = typer.Option("cpu", help="cpu | cuda"),
+        batches: int = typer.Option(10, help="Timed training steps per method (after 3 warm-up steps)."),
+        threads: int = typer.Option(None, help="torch intra-op threads (default: torch's)."),
+        work_dir: Path = typer.Option(None, help="Where synthetic benchmarks, caches and records are kept."),
+        reuse: bool = typer.Option(False, "--reuse", help="Keep the rows whose record exists; measure the rest."),
+        out: Path = typer.Option(None, help="Also write the markdown table to this file."),
+    ) -> None:
+        """Run `bench` for every method of the speed table (published configs and batch sizes), one fresh process
+        per row, one after the other, and print the table as markdown (the README's speed table)."""
+        from avlowshot import bench
+
+        try:
+            rows = bench.table_rows(dataset, [m.strip() for m in methods.split(",")] if methods else None)
+        except AvlowshotError as exc:
+            raise fail(exc) from None
+        root = Path(work_dir) if work_dir else bench.default_work_dir()
+        records, failed = [], []
+        for i, row in enumerate(rows, 1):
+            spec = bench.BenchSpec(method=row.method, layout=row.layout, dataset=dataset, scale=scale,
+                                   device=device, shots=row.shots)  # fmt: skip
+            path = root / "results" / f"{spec.name}.json"
+            if not (reuse and path.is_file()):
+                err_console.print(styled(f"[{i}/{len(rows)}] {row.method} on {dataset} {row.layout}", "dim"))
+                cmd = [sys.executable, "-m", "avlowshot", "bench", "--method", row.method, "--layout", row.layout,
+                       "--dataset", dataset, "--scale", str(scale), "--device", device, "--batches", str(batches),
+                       "--work-dir", str(root), "--out", str(path)]  # fmt: skip
+                cmd += ["--shots", str(row.shots)] if row.shots else []
+                cmd += ["--threads", str(threads)] if threads else []
+                done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                if done.returncode != 0:
+                    failed.append(row.method)
+                    err_console.print(styled(f"{row.method} failed:", "bold red"), done.stderr.strip()[-2000:])
+                    continue
+            records.append(json.loads(path.read_text()))
+        table = bench.markdown_table(records)
+        typer.echo(table, nl=False)  # plain text: no wrapping of the wide rows
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(table)
+        if failed:
+            raise fail(AvlowshotError(f"bench failed for {', '.join(failed)} (messages above)"))
