@@ -92,3 +92,24 @@ def test_the_trainer_optimiser_is_fused_on_the_cpu():
     model = AVCA(AVCAConfig(embeddings_hidden_size=32), InputDims(audio=12, video=10, text=8))
     opt = adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     assert opt.defaults["fused"] is True
+
+
+@pytest.mark.parametrize("per_layer_masks", [False, True])
+def test_class_token_only_last_layer_equals_the_full_transformer(per_layer_masks):
+    from avlowshot.models.layers import SharedNormTransformer, token_attention_mask
+
+    torch.manual_seed(3)
+    net = SharedNormTransformer(dim=24, depth=3, heads=2, dim_head=8, mlp_dim=16, dropout=0.0).eval()
+    kinds = torch.tensor([0] + [1] * 5 + [2] * 4)
+    valid = torch.ones(6, 10, dtype=torch.bool)
+    valid[:3, 4:6] = False  # padded audio rows
+    valid[4:, 8:] = False  # padded video rows
+    mask = token_attention_mask(kinds, "cross", valid, global_kind=0)
+    if per_layer_masks:
+        mask = [token_attention_mask(kinds, rule, valid, global_kind=0) for rule in ("self", "full", "cross")]
+    x = torch.randn(6, 10, 24, requires_grad=True)
+    full = net(x, mask)[:, :1]
+    first = net(x, mask, first_only=True)
+    assert first.shape == (6, 1, 24) and torch.allclose(first, full, atol=1e-6)
+    g_full, g_first = (torch.autograd.grad(y.square().sum(), x)[0] for y in (full, first))
+    assert torch.allclose(g_first, g_full, atol=1e-5)

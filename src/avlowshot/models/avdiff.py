@@ -478,7 +478,8 @@ class AVDiff(Method):
         b = za.shape[0]
         x = torch.cat((self.cls_token.expand(b, -1, -1).to(za.dtype), za, zv), dim=1)
         valid = torch.cat((am.new_ones(b, 1), am, vm), dim=1)
-        x = self.Audio_visual_transformer(x, self.attention_masks(za.shape[1], zv.shape[1], valid))
+        masks = self.attention_masks(za.shape[1], zv.shape[1], valid)
+        x = self.Audio_visual_transformer(x, masks, first_only=True)  # only the class token is read
         return self.O_proj(x[:, 0])
 
     def columns(self, labels: Tensor) -> Tensor:

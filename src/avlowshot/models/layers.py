@@ -305,14 +305,18 @@ class MaskedAttention(nn.Module):
         self.to_v = nn.Linear(dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, dim), Dropout(dropout))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, queries: int | None = None) -> torch.Tensor:
+        """``queries``: only the first ``queries`` tokens attend (every token is still a key); the output holds
+        those tokens."""
         b, n, _ = x.shape
-        q, k, v = (f(x).view(b, n, self.heads, -1).transpose(1, 2) for f in (self.to_q, self.to_k, self.to_v))
+        nq = n if queries is None else queries
+        q = self.to_q(x[:, :nq]).view(b, nq, self.heads, -1).transpose(1, 2)
+        k, v = (f(x).view(b, n, self.heads, -1).transpose(1, 2) for f in (self.to_k, self.to_v))
         if mask is not None:
-            mask = mask | ~mask.any(dim=-1, keepdim=True)
-            mask = mask.unsqueeze(-3) if mask.dim() == 3 else mask  # [B, 1, N, N] broadcast over heads
+            mask = (mask | ~mask.any(dim=-1, keepdim=True))[..., :nq, :]
+            mask = mask.unsqueeze(-3) if mask.dim() == 3 else mask  # [B, 1, Nq, N] broadcast over heads
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
+        return self.to_out(out.transpose(1, 2).reshape(b, nq, -1))
 
 
 class SharedNormLayer(nn.Module):
@@ -324,25 +328,32 @@ class SharedNormLayer(nn.Module):
         self.attn = MaskedAttention(dim, heads, dim_head, dropout)
         self.ff = FeedForward(dim, mlp_dim, dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.attn(self.norm(x), mask=mask) + x
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, queries: int | None = None) -> torch.Tensor:
+        x = self.attn(self.norm(x), mask=mask, queries=queries) + x[:, :queries]
         return self.ff(self.norm(x)) + x
 
 
 class SharedNormTransformer(nn.Module):
     """``depth`` :class:`SharedNormLayer` s, no final norm. ``mask``: one boolean mask for every layer (``[N, N]``
-    or ``[B, N, N]``), a list with one mask per layer (e.g. :func:`layer_masks`), or ``None`` (full attention)."""
+    or ``[B, N, N]``), a list with one mask per layer (e.g. :func:`layer_masks`), or ``None`` (full attention).
+
+    ``first_only``: return the first token only (``[B, 1, D]``), for models that read the class token alone
+    (TCAF, AV-DIFF); the last layer then runs its queries, output projection and feed-forward for that token only
+    (every token stays a key). The same numbers to rounding; about 1/6 of the last layer's work."""
 
     def __init__(self, dim: int, depth: int, heads: int, dim_head: int, mlp_dim: int, dropout: float):
         super().__init__()
         self.layers = nn.ModuleList(SharedNormLayer(dim, heads, dim_head, mlp_dim, dropout) for _ in range(depth))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | list[torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | list[torch.Tensor] | None = None, first_only: bool = False
+    ) -> torch.Tensor:
         masks = mask if isinstance(mask, list | tuple) else [mask] * len(self.layers)
         if len(masks) != len(self.layers):
             raise ValueError(f"{len(masks)} attention masks for {len(self.layers)} layers")
-        for layer, m in zip(self.layers, masks, strict=True):
-            x = layer(x, mask=m)
+        last = len(self.layers) - 1
+        for i, (layer, m) in enumerate(zip(self.layers, masks, strict=True)):
+            x = layer(x, mask=m, queries=1 if first_only and i == last else None)
         return x
 
 

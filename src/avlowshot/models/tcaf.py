@@ -181,7 +181,7 @@ class TCAF(Method):
         valid = torch.cat((am.new_ones(b, 1), am, vm), dim=1)
         kinds = torch.tensor([CLS] + [AUDIO] * la + [VIDEO] * lv, device=x.device)
         mask = token_attention_mask(kinds, self.config.attention, valid, global_kind=CLS)
-        x = self.Audio_visual_transformer(x, mask)
+        x = self.Audio_visual_transformer(x, mask, first_only=True)  # only the class token is read
         return self.O_proj(x[:, 0])
 
     # ------------------------------------------------------------------------------------------------------------
