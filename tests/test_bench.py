@@ -72,6 +72,26 @@ def test_bench_table_rows_cover_every_trainable_method():
     assert (ucf["avdiff"].layout, ucf["avdiff"].shots, ucf["perceiver"].layout) == ("avdiff", 5, "avdiff")
     vgg = {r.method: r for r in table_rows("VGGSound")}
     assert (vgg["mbt"].layout, vgg["mbt"].shots) == ("tcaf-cls", 5)
+    # a curriculum method: one row per substage, evaluation timed on the first
+    avdiff = [(r.substage, r.evaluate) for r in table_rows("UCF", ["avdiff"])]
+    assert avdiff == [("base", True), ("full", False)]
+    assert [r.substage for r in table_rows("UCF", ["fvaegan"])] == ["generator", "classifier"]
+
+
+def test_bench_times_a_named_substage_and_refuses_an_unknown_one(tmp_path):
+    base = ["bench", "--method", "fvaegan", "--layout", "avca-cls", "--dataset", "UCF", "--scale", "0.03",
+            "--batches", "1", "--no-eval", "--work-dir", str(tmp_path)]  # fmt: skip
+    res = runner.invoke(app, base + ["--substage", "generator", "--out", str(tmp_path / "g.json")])
+    assert res.exit_code == 0, res.output
+    rec = json.loads((tmp_path / "g.json").read_text())
+    # the generator substage: critic steps and a generator step on one batch (a gradient penalty inside)
+    assert rec["substage"] == "generator" and rec["train"]["optimizer_steps_per_iteration"] > 1
+    assert rec["train"]["batches_per_iteration"] == 1 and rec["train"]["flops_per_step"] > 0
+    res = runner.invoke(app, base + ["--substage", "nope"])
+    assert res.exit_code == 2 and "fvaegan has the substages generator, classifier" in res.output
+    res = runner.invoke(app, ["bench", "--method", "ale", "--layout", "avca-cls", "--dataset", "UCF", "--scale",
+                              "0.03", "--substage", "x", "--work-dir", str(tmp_path)])  # fmt: skip
+    assert res.exit_code == 2 and "no substages" in res.output
 
 
 def test_bench_table_runs_each_row_in_its_own_process_and_prints_markdown(tmp_path):

@@ -5,8 +5,10 @@ What is measured, in one process, with the same code paths as ``avlowshot run``:
 * **data**: building (or reusing) the synthetic benchmark, opening it (cache build on first use, memory-mapped
   reopen after), and the data path of training (epoch plan = sampling, then per batch gather + padding / windows +
   masks + device copy), as a share of a training step;
-* **training**: ``--batches`` optimiser steps (after warm-up steps) with the method's published config: seconds per
-  step, samples/s, seconds per 300-batch epoch;
+* **training**: ``--batches`` iterations (after warm-up steps) with the method's published config, of one
+  substage for curriculum methods (``--substage``, default the first; set up as stage 1 sets it up, with its novel
+  stream or joint stream): seconds per iteration (every optimiser step of its batches), samples/s, seconds per
+  300-batch epoch;
 * **FLOPs**: the model FLOPs of one training step (forward + backward, ``torch.utils.flop_counter``), the achieved
   FLOP/s, and the machine's fp32 matrix-multiply throughput on the *same GEMM shapes* the step issues, replayed in
   isolation in this run; their ratio says how close the step is to the machine's limit;
@@ -52,11 +54,14 @@ class BenchSpec:
     overrides: list[str] = field(default_factory=list)
     work_dir: Path | None = None
     evaluate: bool = True
+    substage: str | None = None  # curriculum methods: the substage to time (default: the first)
 
     @property
     def name(self) -> str:
         shots = f"_{self.shots}shot" if self.shots else ""
-        return f"{self.method}_{self.dataset}_{self.layout}{shots}_scale{self.scale:g}_{self.device.replace(':', '')}"
+        sub = f"_{self.substage}" if self.substage else ""
+        device = self.device.replace(":", "")
+        return f"{self.method}{sub}_{self.dataset}_{self.layout}{shots}_scale{self.scale:g}_{device}"
 
 
 def default_work_dir() -> Path:
@@ -126,15 +131,20 @@ _GEMM_OPS = ("mm", "addmm", "bmm", "baddbmm")
 
 
 def step_flops_and_gemms(step) -> tuple[int, dict[tuple[int, ...], int]]:
-    """Run ``step()`` once under the FLOP counter; returns (total FLOPs, {(b, m, k, n): count} of its GEMMs)."""
+    """Run ``step()`` once and count its FLOPs with ``torch.utils.flop_counter``'s per-op formulas; returns (total
+    FLOPs, {(b, m, k, n): count} of its GEMMs). A dispatch mode alone, not ``FlopCounterMode``: its module hooks
+    break the ``autograd.grad`` of a WGAN-GP gradient penalty."""
     from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils.flop_counter import FlopCounterMode
+    from torch.utils.flop_counter import flop_registry
 
     gemms: dict[tuple[int, ...], int] = {}
+    total = [0]
 
     class Recorder(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = func.overloadpacket.__name__
+            kwargs = kwargs or {}
+            packet = func.overloadpacket
+            name = packet.__name__
             if name in _GEMM_OPS:
                 a, b = (args[0], args[1]) if name in ("mm", "bmm") else (args[1], args[2])
                 if a.dim() == 2:
@@ -142,12 +152,14 @@ def step_flops_and_gemms(step) -> tuple[int, dict[tuple[int, ...], int]]:
                 else:
                     shape = (a.shape[0], a.shape[1], a.shape[2], b.shape[2])
                 gemms[shape] = gemms.get(shape, 0) + 1
-            return func(*args, **(kwargs or {}))
+            out = func(*args, **kwargs)
+            if packet in flop_registry:
+                total[0] += int(flop_registry[packet](*args, **kwargs, out_val=out))
+            return out
 
-    counter = FlopCounterMode(display=False)
-    with counter, Recorder():
+    with Recorder():
         step()
-    return int(counter.get_total_flops()), gemms
+    return total[0], gemms
 
 
 def gemm_throughput(gemms: dict[tuple[int, ...], int], device: torch.device, min_seconds: float = 0.05) -> dict:
@@ -219,7 +231,6 @@ def synthetic_root(spec: BenchSpec, work_dir: Path) -> tuple[Path, float | None]
 
 def run_bench(spec: BenchSpec, progress=None) -> dict[str, Any]:
     """Measure ``spec`` and return the record (see the module docstring)."""
-    from avlowshot.data.batching import ClassBalancedSampler
     from avlowshot.data.layouts import get_layout
     from avlowshot.models.base import count_parameters
     from avlowshot.train.config import load_config
@@ -284,39 +295,47 @@ def run_bench(spec: BenchSpec, progress=None) -> dict[str, Any]:
             "peak_anon_after_load_bytes": anon.peak_kb * 1024 if anon.available else None,
         }
 
-        # ---- training
-        # curriculum methods (AV-DIFF): the first substage, where the whole model trains
-        subs = ctx.curriculum
-        substage = subs[0] if subs else None
+        # ---- training: one substage of a curriculum method (default its first), set up as stage 1 sets it up
+        from avlowshot.train.protocol import reads_novel
+
+        subs = ctx.curriculum or []
+        names = [sub.name for sub in subs]
+        if spec.substage is not None and spec.substage not in names:
+            raise AvlowshotError(
+                f"--substage {spec.substage}: {spec.method} has "
+                + (f"the substages {', '.join(names)}" if names else "no substages (it trains in one stage)")
+            )
+        substage = next((sub for sub in subs if sub.name == spec.substage), subs[0] if subs else None)
         method = ctx.build(1)
-        extra: dict[str, Any] = {}
         if substage is not None:
             method.enter_substage(substage.name)
-            extra = {"stream": "base"}
         record["substage"] = None if substage is None else substage.name
         record["n_params"] = int(count_parameters(method, trainable_only=True))
         steps = spec.warmup + spec.batches
-        cfg_bench = cfg.model_copy(update={"n_batches": steps})
         out_dir = Path(tempfile.mkdtemp(prefix="avlowshot-bench-"))
         try:
             trainer = ctx.trainer(method, out_dir, "bench", stage=1, substage=substage)
-            trainer.cfg = cfg_bench
-            train_idx = ctx.stage1_train_indices()
-            labels = ctx.store.labels.numpy()
-            say(f"training: {spec.warmup} warm-up + {spec.batches} timed steps of {cfg.batch_size}")
+            trainer.n_batches = steps
+            p = ctx.protocol
+            novel = None
+            if substage is not None and reads_novel(substage) and p.stage1_novel is not None:
+                novel = p.stage1_novel.indices
+                if substage.novel_stream:
+                    trainer.novel_text = method.stream_text(ctx.text, ctx.store.labels.numpy()[novel])
+            say(f"training: {spec.warmup} warm-up + {spec.batches} timed steps of {trainer.batch_size}")
             method.train()
             t0 = time.perf_counter()
-            sampler = ClassBalancedSampler(labels, train_idx, cfg.batch_size, steps)
-            plan = trainer.plan_epoch(sampler, 0)
+            sampler, novel_sampler = trainer.samplers(p.stage1_train.indices, novel)
+            plan = trainer.plan_epoch(sampler, 0, novel_sampler)
             plan_seconds = time.perf_counter() - t0
             data_s, step_s = 0.0, 0.0
             for b in range(steps):
                 _sync(device)
                 t0 = time.perf_counter()
-                batch, text, kwargs = trainer.load_batch(plan, b)
+                items = trainer.load_iteration(plan, b)
                 _sync(device)
                 t1 = time.perf_counter()
-                trainer.train_step(batch, text, {**kwargs, **extra})
+                trainer.train_iteration(items)
                 _sync(device)
                 t2 = time.perf_counter()
                 if b >= spec.warmup:
@@ -324,22 +343,27 @@ def run_bench(spec: BenchSpec, progress=None) -> dict[str, Any]:
                     step_s += t2 - t1
             # the plan covers `steps` batches; charge the timed ones their share
             data_s += plan_seconds * spec.batches / steps
-            batch, text, kwargs = trainer.load_batch(plan, 0)
-            flops, gemms = step_flops_and_gemms(lambda: trainer.train_step(batch, text, {**kwargs, **extra}))
+            items = trainer.load_iteration(plan, 0)
+            flops, gemms = step_flops_and_gemms(lambda: trainer.train_iteration(items))
         finally:
             shutil.rmtree(out_dir, ignore_errors=True)
+        # an iteration: one batch, or a base and a novel batch; each of its optimiser steps (a GAN's critic and
+        # generator steps on one batch) is part of it
+        batches_read = len({id(item[0]) for item in items})
         per_batch = (data_s + step_s) / spec.batches
         achieved = flops / (step_s / spec.batches) if step_s > 0 else None
         say("GEMM reference: replaying the step's matrix products")
         gemm = gemm_throughput(gemms, device)
         record["train"] = {
-            "batch_size": cfg.batch_size,
+            "batch_size": trainer.batch_size,
+            "optimizer_steps_per_iteration": len(items),
+            "batches_per_iteration": batches_read,
             "timed_batches": spec.batches,
             "seconds_per_batch": per_batch,
             "step_seconds": step_s / spec.batches,
             "data_seconds": data_s / spec.batches,
             "data_share": data_s / (data_s + step_s),
-            "samples_per_second": cfg.batch_size / per_batch,
+            "samples_per_second": trainer.batch_size * batches_read / per_batch,
             f"seconds_per_{EPOCH_BATCHES}_batch_epoch": per_batch * EPOCH_BATCHES,
             "flops_per_step": flops,
             "achieved_flops_per_s": achieved,
@@ -359,8 +383,8 @@ def run_bench(spec: BenchSpec, progress=None) -> dict[str, Any]:
                 (f"test{'' if i == 0 else i}", s) for i, s in enumerate(ctx.protocol.stage2_test)
             ]
             evals = {}
-            # a classifier's label space differs between stages (AV-DIFF): test with a stage-2 model
-            test_method = ctx.build(2) if substage is not None else method
+            # a classifier's label space differs between stages (AV-DIFF, the GFSL heads): test with a stage-2 model
+            test_method = ctx.build(2) if substage is not None or method.needs_label_space else method
             for name, split in splits:
                 model = method if name == "val" else test_method
                 say(f"evaluating {name} ({len(split.indices)} videos x {len(grid)} betas)")
@@ -411,15 +435,20 @@ class TableRow:
     method: str
     layout: str
     shots: int | None
+    substage: str | None = None  # a curriculum method has one row per substage
+    evaluate: bool = True  # evaluation is timed once per method (its first row)
 
 
 def table_rows(dataset: str, methods: list[str] | None = None) -> list[TableRow]:
     """The README speed table's rows for ``dataset``, in registry order: GZSL methods on the features of their
     paper's table (averaged methods on avca-cls, ClipClap on clipclap, TCAF on tcaf-cls), GFSL methods at 5 shots
     on the avdiff layout (VGGSound: the tcaf-cls features with ``--shots 5``, the derived few-shot benchmark, whose
-    23 GB serve every temporal method; a full-size avdiff VGGSound root would be another 23 GB). Methods without
-    trainable parameters (text-match) have no step to time."""
+    23 GB serve every temporal method; a full-size avdiff VGGSound root would be another 23 GB). A curriculum
+    method gets one row per substage of its published config. Methods without trainable parameters (text-match)
+    have no step to time."""
+    from avlowshot.data.layouts import get_layout
     from avlowshot.models.registry import METHODS
+    from avlowshot.train.config import load_config
 
     unknown = sorted(set(methods or []) - set(METHODS))
     if unknown:
@@ -429,11 +458,12 @@ def table_rows(dataset: str, methods: list[str] | None = None) -> list[TableRow]
         if (methods and name not in methods) or not cls.trainable:
             continue
         if "gzsl" in cls.tasks and name not in GFSL_FIRST:
-            layout = "avca-cls" if "avca-cls" in cls.layouts else cls.layouts[0]
-            rows.append(TableRow(name, layout, None))
+            layout, shots = ("avca-cls" if "avca-cls" in cls.layouts else cls.layouts[0]), None
         else:
-            layout = "tcaf-cls" if dataset == "VGGSound" else "avdiff"
-            rows.append(TableRow(name, layout, TABLE_SHOTS))
+            layout, shots = ("tcaf-cls" if dataset == "VGGSound" else "avdiff"), TABLE_SHOTS
+        cfg = load_config(None, method=name, dataset=dataset, feature_set=get_layout(layout).feature_set, shots=shots)
+        subs = [sub.name for sub in cls.curriculum(cfg) or []] or [None]
+        rows += [TableRow(name, layout, shots, sub if len(subs) > 1 else None, i == 0) for i, sub in enumerate(subs)]
     return rows
 
 
@@ -461,8 +491,9 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
         else:
             evals = "not timed"
         frac = t.get("fraction_of_gemm_throughput")
+        method = r["method"] + (f" ({r['substage']})" if r.get("substage") else "")  # the timed substage
         lines.append(
-            f"| {r['method']} | {bench_name} | {t['batch_size']} | {t['seconds_per_batch'] * 1e3:.0f} "
+            f"| {method} | {bench_name} | {t['batch_size']} | {t['seconds_per_batch'] * 1e3:.0f} "
             f"| {100 * t['data_share']:.1f} % | {t['samples_per_second']:,.0f} "
             f"| {t[f'seconds_per_{EPOCH_BATCHES}_batch_epoch']:.0f} | {t['flops_per_step'] / 1e9:.1f} "
             f"| {'n/a' if frac is None else f'{100 * frac:.0f} %'} | {evals} "

@@ -73,6 +73,7 @@ def register(app: typer.Typer) -> None:
         work_dir: Path = typer.Option(None, help="Where synthetic benchmarks and caches are kept and reused."),
         out: Path = typer.Option(None, help="JSON record (default: <work-dir>/results/<name>.json)."),
         no_eval: bool = typer.Option(False, "--no-eval", help="Skip the evaluation timing."),
+        substage: str = typer.Option(None, help="Curriculum methods: the substage to time (default: the first)."),
     ) -> None:
         """Measure data loading, training throughput, FLOPs vs GEMM throughput, evaluation time and memory."""
         from avlowshot.train.threads import pin_environment
@@ -82,7 +83,7 @@ def register(app: typer.Typer) -> None:
 
         spec = bench.BenchSpec(
             method=method, layout=layout, dataset=dataset, scale=scale, device=device, batches=batches,
-            shots=shots, overrides=list(set_), seed=seed, work_dir=work_dir, evaluate=not no_eval,
+            shots=shots, overrides=list(set_), seed=seed, work_dir=work_dir, evaluate=not no_eval, substage=substage,
         )  # fmt: skip
         try:
             with bench.threads(threads):
@@ -121,19 +122,22 @@ def register(app: typer.Typer) -> None:
         records, failed = [], []
         for i, row in enumerate(rows, 1):
             spec = bench.BenchSpec(method=row.method, layout=row.layout, dataset=dataset, scale=scale,
-                                   device=device, shots=row.shots)  # fmt: skip
+                                   device=device, shots=row.shots, substage=row.substage)  # fmt: skip
             path = root / "results" / f"{spec.name}.json"
             if not (reuse and path.is_file()):
-                err_console.print(styled(f"[{i}/{len(rows)}] {row.method} on {dataset} {row.layout}", "dim"))
+                label = row.method + (f" ({row.substage})" if row.substage else "")
+                err_console.print(styled(f"[{i}/{len(rows)}] {label} on {dataset} {row.layout}", "dim"))
                 cmd = [sys.executable, "-m", "avlowshot", "bench", "--method", row.method, "--layout", row.layout,
                        "--dataset", dataset, "--scale", str(scale), "--device", device, "--batches", str(batches),
                        "--work-dir", str(root), "--out", str(path)]  # fmt: skip
                 cmd += ["--shots", str(row.shots)] if row.shots else []
+                cmd += ["--substage", row.substage] if row.substage else []
+                cmd += [] if row.evaluate else ["--no-eval"]
                 cmd += ["--threads", str(threads)] if threads else []
                 done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                 if done.returncode != 0:
-                    failed.append(row.method)
-                    err_console.print(styled(f"{row.method} failed:", "bold red"), done.stderr.strip()[-2000:])
+                    failed.append(label)
+                    err_console.print(styled(f"{label} failed:", "bold red"), done.stderr.strip()[-2000:])
                     continue
             records.append(json.loads(path.read_text()))
         table = bench.markdown_table(records)

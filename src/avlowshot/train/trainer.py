@@ -418,21 +418,7 @@ class Trainer:
             raise ValueError("schedule='val' needs a validation split")
         cfg = self.cfg
         sub = self.substage
-        stream = train_indices
-        if sub is not None and sub.joint and novel_indices is not None:
-            stream = np.union1d(train_indices, novel_indices)
-        sampler = ClassBalancedSampler(self.store.labels.numpy(), stream, self.batch_size, self.n_batches)
-        novel_sampler = None
-        if sub is not None and sub.novel_stream:
-            if novel_indices is None:
-                raise ValueError(f"substage {sub.name!r} needs novel_indices")
-            novel_sampler = ClassBalancedSampler(
-                self.store.labels.numpy(), novel_indices, self.batch_size, self.n_batches
-            )
-        seen_by_method = train_indices if novel_indices is None else np.union1d(train_indices, novel_indices)
-        self.method.observe_training_set(self.store, seen_by_method)
-        if novel_indices is not None:
-            self.method.observe_novel_set(self.store, novel_indices)
+        sampler, novel_sampler = self.samplers(train_indices, novel_indices)
         grid = sub.beta_grid if sub is not None and sub.beta_grid else cfg.beta_grid
         val_key = sub.val_metric if sub is not None else "hm"
         betas = metrics.beta_grid(grid) if val is not None else None
@@ -652,6 +638,28 @@ class Trainer:
                 self.method.after_step(batch, text)
         losses["loss"] = total
         return losses
+
+    def samplers(
+        self, train_indices: np.ndarray, novel_indices: np.ndarray | None = None
+    ) -> tuple[ClassBalancedSampler, ClassBalancedSampler | None]:
+        """The samplers of a stage (the base stream, or one joint stream with the novel samples; the novel stream
+        of a ``novel_stream`` substage), after the method is told what it trains on (its observe hooks)."""
+        sub = self.substage
+        stream = train_indices
+        if sub is not None and sub.joint and novel_indices is not None:
+            stream = np.union1d(train_indices, novel_indices)
+        labels = self.store.labels.numpy()
+        sampler = ClassBalancedSampler(labels, stream, self.batch_size, self.n_batches)
+        novel_sampler = None
+        if sub is not None and sub.novel_stream:
+            if novel_indices is None:
+                raise ValueError(f"substage {sub.name!r} needs novel_indices")
+            novel_sampler = ClassBalancedSampler(labels, novel_indices, self.batch_size, self.n_batches)
+        seen_by_method = train_indices if novel_indices is None else np.union1d(train_indices, novel_indices)
+        self.method.observe_training_set(self.store, seen_by_method)
+        if novel_indices is not None:
+            self.method.observe_novel_set(self.store, novel_indices)
+        return sampler, novel_sampler
 
     def prefetching(self) -> bool:
         """``cfg.prefetch``; ``auto`` = on when the features are larger than half of the physical memory.
