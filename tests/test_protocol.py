@@ -21,6 +21,7 @@ runner = CliRunner()
 
 # A short but real run: the faithful AVCA model, small batches, few epochs.
 QUICK = ["epochs=4", "n_batches=12", "batch_size=64"]
+SMALL = QUICK + ["model.embeddings_hidden_size=128"]  # runs compared with runs: a narrower AVCA does as well
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def ucf(synth_root):
     return synth_root("avca-cls", "UCF", scale=0.1)
 
 
-def _spec(root: Path, log_dir: Path, cache: Path, *, seed: int | None = None, compat: str = "none", sets=QUICK):
+def _spec(root: Path, log_dir: Path, cache: Path, *, seed: int | None = None, compat: str = "none", sets=SMALL):
     cfg = load_config(None, method="avca", dataset="UCF", feature_set="cls", overrides=sets, seed=seed)
     return protocol.RunSpec(
         method="avca", layout="avca-cls", dataset="UCF", root_dir=root, log_dir=log_dir, cfg=cfg, compat=compat,
@@ -94,6 +95,11 @@ def test_evaluate_reproduces_and_report_lists(finished_run):
     res = runner.invoke(app, ["evaluate", "--run-dir", str(run_dir), "--cache-dir", str(base / "cache"), "--no-write"])
     assert res.exit_code == 0, res.output
     assert f"{before['metrics']['hm']:.2f}" in res.output
+    # another precision on the same checkpoints (the GPU check's bf16 vs fp32); on the CPU auto = off = fp32
+    fp32 = protocol.evaluate_run(run_dir, cache_dir=base / "cache", write=False, amp="off")
+    assert fp32["metrics"] == before["metrics"]
+    bad = runner.invoke(app, ["evaluate", "--run-dir", str(run_dir), "--no-write", "--amp", "fp8"])
+    assert bad.exit_code == 2 and "--amp fp8: expected one of auto, bf16, off" in bad.output
 
     md = runner.invoke(app, ["report", "--log-dir", str(base / "runs")])
     assert md.exit_code == 0, md.output
@@ -112,10 +118,17 @@ def _weights(run_dir: Path, stage: str, epoch: int) -> dict[str, np.ndarray]:
     return load_file(str(run_dir / stage / "checkpoints" / f"epoch-{epoch:03d}" / "model.safetensors"))
 
 
+@pytest.fixture(scope="module")
+def whole_run(ucf, tmp_path_factory):
+    """One uninterrupted protocol run: what the resumed and the part-by-part runs must give."""
+    base = tmp_path_factory.mktemp("whole")
+    return protocol.run(_spec(ucf, base / "a", base / "cache")), base / "a"
+
+
 @pytest.mark.parametrize("stop_at", [("stage-1", 1), ("stage-2", 0)])
-def test_resume_equals_uninterrupted(ucf, tmp_path, stop_at):
+def test_resume_equals_uninterrupted(ucf, tmp_path, stop_at, whole_run):
     cache = tmp_path / "cache"
-    whole = protocol.run(_spec(ucf, tmp_path / "a", cache))
+    whole, whole_dir = whole_run
 
     stage_seen = []
 
@@ -133,7 +146,7 @@ def test_resume_equals_uninterrupted(ucf, tmp_path, stop_at):
 
     assert resumed["metrics"] == whole["metrics"] and resumed["beta"] == whole["beta"]
     assert resumed["best_epoch"] == whole["best_epoch"] and resumed["per_class"] == whole["per_class"]
-    a, b = tmp_path / "a" / spec.run_dir.name, spec.run_dir
+    a, b = whole_dir / spec.run_dir.name, spec.run_dir
     last2 = whole["best_epoch"]
     for stage, epoch in (("stage-1", 3), ("stage-2", last2)):
         wa, wb = _weights(a, stage, epoch), _weights(b, stage, epoch)
@@ -143,9 +156,9 @@ def test_resume_equals_uninterrupted(ucf, tmp_path, stop_at):
     assert [h["train"] for h in hist_a] == [h["train"] for h in hist_b]
 
 
-def test_parts_and_seeds(ucf, tmp_path):
+def test_parts_and_seeds(ucf, tmp_path, whole_run):
     cache = tmp_path / "cache"
-    whole = protocol.run(_spec(ucf, tmp_path / "all", cache))
+    whole = whole_run[0]
     spec = _spec(ucf, tmp_path / "parts", cache)
     with pytest.raises(Exception, match="stage 1 has not finished"):
         protocol.run(spec, parts="stage-2")

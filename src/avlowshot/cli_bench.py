@@ -110,8 +110,10 @@ def register(app: typer.Typer) -> None:
         reuse: bool = typer.Option(False, "--reuse", help="Keep the rows whose record exists; measure the rest."),
         out: Path = typer.Option(None, help="Also write the markdown table to this file."),
     ) -> None:
-        """Run `bench` for every method of the speed table (published configs and batch sizes), one fresh process
-        per row, one after the other, and print the table as markdown (the README's speed table)."""
+        """Run `bench` for every method of the speed table and print the table as markdown.
+
+        Published configs and batch sizes; one fresh process per row (a curriculum method: one per substage), one
+        after the other; the records are kept under <work-dir>/results."""
         from avlowshot import bench
 
         try:

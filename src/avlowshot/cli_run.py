@@ -207,6 +207,7 @@ def register(app: typer.Typer) -> None:
         write: bool = typer.Option(True, help="Rewrite result.json."),
         verify_cache: bool = typer.Option(False, help=VERIFY_HELP),
         threads: int = typer.Option(None, help="CPU threads (default: the count the run was trained with)."),
+        amp: str = typer.Option(None, help="auto | bf16 | off: another precision than the run's (default: its own)."),
     ) -> None:
         """Re-evaluate the saved checkpoints of a run (beta on val, test with it) and rewrite result.json."""
         from avlowshot.train.threads import pin_environment
@@ -218,7 +219,7 @@ def register(app: typer.Typer) -> None:
         try:
             result = protocol.evaluate_run(
                 run_dir, root_dir=root_dir, cache_dir=cache_dir, device=device, write=write, threads=threads,
-                verify_cache=verify_cache,
+                verify_cache=verify_cache, amp=amp,
             )  # fmt: skip
         except AvlowshotError as exc:
             raise fail(exc) from None

@@ -898,6 +898,9 @@ def _run(spec: RunSpec, info: dict[str, Any], parts: str, resume: bool, on_epoch
     return None
 
 
+AMP_MODES = ("auto", "bf16", "off")
+
+
 def evaluate_run(
     run_dir: str | Path,
     *,
@@ -907,12 +910,19 @@ def evaluate_run(
     write: bool = True,
     threads: int | None = None,
     verify_cache: bool = False,
+    amp: str | None = None,
 ) -> dict[str, Any]:
     """Rebuild the model from the run directory's config, re-run the beta search on val and the test, rewrite
-    ``result.json`` (timings of training are kept) and return it. ``threads``: default the run's recorded count."""
+    ``result.json`` (timings of training are kept) and return it. ``threads``: default the run's recorded count.
+    ``amp``: evaluate under another precision than the run's (``auto`` | ``bf16`` | ``off``), e.g. to compare
+    bf16 autocast with fp32 on the same checkpoints."""
     run_dir = Path(run_dir)
     threads_mod.check_threads(threads)
     info, cfg = load_run_info(run_dir)
+    if amp is not None:
+        if amp not in AMP_MODES:
+            raise ConfigError(f"--amp {amp}: expected one of {', '.join(AMP_MODES)}")
+        cfg = cfg.model_copy(update={"amp": amp})
     if root_dir is not None:
         info = {**info, "root_dir": str(Path(root_dir).resolve())}
     elif not Path(info["root_dir"]).is_dir():
