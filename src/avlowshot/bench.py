@@ -63,6 +63,16 @@ class BenchSpec:
         device = self.device.replace(":", "")
         return f"{self.method}{sub}_{self.dataset}_{self.layout}{shots}_scale{self.scale:g}_{device}"
 
+    @property
+    def root(self) -> Path:
+        """Where synthetic benchmarks, caches and records are kept: ``work_dir``, or the default."""
+        return Path(self.work_dir) if self.work_dir is not None else default_work_dir()
+
+    @property
+    def record_path(self) -> Path:
+        """The default JSON record: ``<root>/results/<name>.json``."""
+        return self.root / "results" / f"{self.name}.json"
+
 
 def default_work_dir() -> Path:
     from avlowshot.data.cache import default_cache_dir
@@ -244,7 +254,7 @@ def run_bench(spec: BenchSpec, progress=None) -> dict[str, Any]:
     if spec.batches < 1 or spec.warmup < 0:
         raise AvlowshotError(f"--batches must be >= 1 (got {spec.batches})")
     device = resolve_device(spec.device)
-    work_dir = Path(spec.work_dir) if spec.work_dir is not None else default_work_dir()
+    work_dir = spec.root
     layout = get_layout(spec.layout)
     cfg = load_config(
         None,
@@ -296,7 +306,7 @@ def run_bench(spec: BenchSpec, progress=None) -> dict[str, Any]:
         }
 
         # ---- training: one substage of a curriculum method (default its first), set up as stage 1 sets it up
-        from avlowshot.train.protocol import reads_novel
+        from avlowshot.train.protocol import stage1_novel_indices, substage_trainer
 
         subs = ctx.curriculum or []
         names = [sub.name for sub in subs]
@@ -306,26 +316,24 @@ def run_bench(spec: BenchSpec, progress=None) -> dict[str, Any]:
                 + (f"the substages {', '.join(names)}" if names else "no substages (it trains in one stage)")
             )
         substage = next((sub for sub in subs if sub.name == spec.substage), subs[0] if subs else None)
-        method = ctx.build(1)
-        if substage is not None:
-            method.enter_substage(substage.name)
-        record["substage"] = None if substage is None else substage.name
-        record["n_params"] = int(count_parameters(method, trainable_only=True))
         steps = spec.warmup + spec.batches
         out_dir = Path(tempfile.mkdtemp(prefix="avlowshot-bench-"))
         try:
-            trainer = ctx.trainer(method, out_dir, "bench", stage=1, substage=substage)
+            if substage is None:
+                novel = None
+                trainer = ctx.trainer(ctx.build(1), out_dir, "bench", stage=1)
+            else:
+                novel = stage1_novel_indices(ctx, substage)
+                stream = novel if substage.novel_stream else None
+                trainer = substage_trainer(ctx, 1, 0, subs.index(substage), substage, out_dir, None, stream)
+            method = trainer.method
+            record["substage"] = None if substage is None else substage.name
+            record["n_params"] = int(count_parameters(method, trainable_only=True))
             trainer.n_batches = steps
-            p = ctx.protocol
-            novel = None
-            if substage is not None and reads_novel(substage) and p.stage1_novel is not None:
-                novel = p.stage1_novel.indices
-                if substage.novel_stream:
-                    trainer.novel_text = method.stream_text(ctx.text, ctx.store.labels.numpy()[novel])
             say(f"training: {spec.warmup} warm-up + {spec.batches} timed steps of {trainer.batch_size}")
             method.train()
             t0 = time.perf_counter()
-            sampler, novel_sampler = trainer.samplers(p.stage1_train.indices, novel)
+            sampler, novel_sampler = trainer.samplers(ctx.protocol.stage1_train.indices, novel)
             plan = trainer.plan_epoch(sampler, 0, novel_sampler)
             plan_seconds = time.perf_counter() - t0
             data_s, step_s = 0.0, 0.0

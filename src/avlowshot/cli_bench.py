@@ -90,7 +90,7 @@ def register(app: typer.Typer) -> None:
                 record = bench.run_bench(spec, progress=lambda msg: err_console.print(styled(msg, "dim")))
         except AvlowshotError as exc:
             raise fail(exc) from None
-        path = out or (Path(work_dir) if work_dir else bench.default_work_dir()) / "results" / f"{spec.name}.json"
+        path = out or spec.record_path
         bench.write_record(record, path)
         console.print(summary_table(record))
         console.print(f"record: {path}")
@@ -120,18 +120,17 @@ def register(app: typer.Typer) -> None:
             rows = bench.table_rows(dataset, [m.strip() for m in methods.split(",")] if methods else None)
         except AvlowshotError as exc:
             raise fail(exc) from None
-        root = Path(work_dir) if work_dir else bench.default_work_dir()
         records, failed = [], []
         for i, row in enumerate(rows, 1):
-            spec = bench.BenchSpec(method=row.method, layout=row.layout, dataset=dataset, scale=scale,
-                                   device=device, shots=row.shots, substage=row.substage)  # fmt: skip
-            path = root / "results" / f"{spec.name}.json"
+            spec = bench.BenchSpec(method=row.method, layout=row.layout, dataset=dataset, scale=scale, device=device,
+                                   shots=row.shots, substage=row.substage, work_dir=work_dir)  # fmt: skip
+            path = spec.record_path
             if not (reuse and path.is_file()):
                 label = row.method + (f" ({row.substage})" if row.substage else "")
                 err_console.print(styled(f"[{i}/{len(rows)}] {label} on {dataset} {row.layout}", "dim"))
                 cmd = [sys.executable, "-m", "avlowshot", "bench", "--method", row.method, "--layout", row.layout,
                        "--dataset", dataset, "--scale", str(scale), "--device", device, "--batches", str(batches),
-                       "--work-dir", str(root), "--out", str(path)]  # fmt: skip
+                       "--work-dir", str(spec.root), "--out", str(path)]  # fmt: skip
                 cmd += ["--shots", str(row.shots)] if row.shots else []
                 cmd += ["--substage", row.substage] if row.substage else []
                 cmd += [] if row.evaluate else ["--no-eval"]

@@ -16,7 +16,7 @@ import re
 import reprlib
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -24,6 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from avlowshot.errors import ConfigError
 
 COMPAT_MODES = ("none", "official")
+AmpMode = Literal["auto", "bf16", "off"]
+AMP_MODES: tuple[str, ...] = get_args(AmpMode)
 
 log = logging.getLogger("avlowshot.train")
 
@@ -146,7 +148,7 @@ class RunConfig(BaseModel):
         description="gather the next training batch on a thread while this one trains; auto: on when the features "
         "exceed half of the RAM (disk reads to hide), off otherwise (on 2 cores the thread costs more than it saves)",
     )
-    amp: Literal["auto", "bf16", "off"] = Field(
+    amp: AmpMode = Field(
         "auto",
         description="mixed precision of training steps and evaluation: bf16 autocast; auto = bf16 on CUDA, off on "
         "the CPU (CPUs without bf16 units run it slower than fp32)",

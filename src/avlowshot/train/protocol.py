@@ -47,7 +47,15 @@ from avlowshot.errors import AvlowshotError, CheckpointError, ConfigError
 from avlowshot.eval import metrics
 from avlowshot.train import checkpoint as ckpt
 from avlowshot.train import threads as threads_mod
-from avlowshot.train.config import COMPAT_MODES, RunConfig, config_diff, dump_config, read_yaml, validate_config
+from avlowshot.train.config import (
+    AMP_MODES,
+    COMPAT_MODES,
+    RunConfig,
+    config_diff,
+    dump_config,
+    read_yaml,
+    validate_config,
+)
 from avlowshot.train.trainer import (
     EpochCallback,
     StageOutcome,
@@ -396,7 +404,7 @@ def _now() -> str:
 # Stages
 
 
-def _substage_trainer(ctx: RunContext, stage: int, repeat: int, index: int, sub, out: Path, init, novel_idx):
+def substage_trainer(ctx: RunContext, stage: int, repeat: int, index: int, sub, out: Path, init, novel_idx):
     """A fresh model for substage ``sub`` (number ``index``), started from ``init`` = (stage dir, checkpoint) of
     the previous substage (model weights; optimiser state too unless ``sub.reset_optimizer``)."""
     method = ctx.build(stage)
@@ -424,6 +432,12 @@ def reads_novel(sub) -> bool:
     return sub.novel_stream or sub.joint
 
 
+def stage1_novel_indices(ctx: RunContext, sub) -> np.ndarray | None:
+    """The few-shot novel samples stage-1 substage ``sub`` reads (a novel or joint stream), or None."""
+    p = ctx.protocol
+    return p.stage1_novel.indices if reads_novel(sub) and p.stage1_novel is not None else None
+
+
 def handed_on(outcome: StageOutcome) -> tuple[int, str]:
     """(stage-2 epochs, stage-1 checkpoint the next substage starts from) of a finished stage-1 substage: its
     best epoch, or its last for a substage trained without validation."""
@@ -443,8 +457,8 @@ def run_curriculum_stage1(ctx: RunContext, run_dir: Path, *, resume: bool, on_ep
             log.info("stage-1/%s: finished before, skipped", sub.name)
         else:
             init = None if prev_dir is None else (prev_dir, handed_on(outcomes[-1])[1])
-            novel = p.stage1_novel.indices if reads_novel(sub) and p.stage1_novel is not None else None
-            trainer = _substage_trainer(ctx, 1, 0, i, sub, out, init, novel if sub.novel_stream else None)
+            novel = stage1_novel_indices(ctx, sub)
+            trainer = substage_trainer(ctx, 1, 0, i, sub, out, init, novel if sub.novel_stream else None)
             done = trainer.fit(
                 p.stage1_train.indices,
                 substage_epochs(ctx.cfg, sub),
@@ -475,7 +489,7 @@ def run_curriculum_stage2(ctx: RunContext, run_dir: Path, *, resume: bool, on_ep
             done = read_summary(out)
             if done is None or not resume:
                 novel = p.stage2_novel[r].indices if reads_novel(sub) and p.stage2_novel else None
-                trainer = _substage_trainer(ctx, 2, r, i, sub, out, prev[r], novel if sub.novel_stream else None)
+                trainer = substage_trainer(ctx, 2, r, i, sub, out, prev[r], novel if sub.novel_stream else None)
                 done = trainer.fit(
                     p.stage2_train.indices, handed_on(s1[i])[0], schedule="replay", replay_drops=s1[i].lr_drops,
                     resume=resume, on_epoch_end=on_epoch_end, novel_indices=novel,
@@ -493,7 +507,7 @@ def run_curriculum_stage2(ctx: RunContext, run_dir: Path, *, resume: bool, on_ep
             outcomes.append(done)
             continue
         novel = p.stage2_novel[r].indices if reads_novel(last) and p.stage2_novel else None
-        trainer = _substage_trainer(ctx, 2, r, i, last, out, prev[r], novel if last.novel_stream else None)
+        trainer = substage_trainer(ctx, 2, r, i, last, out, prev[r], novel if last.novel_stream else None)
         outcomes.append(
             trainer.fit(
                 p.stage2_train.indices,
@@ -896,9 +910,6 @@ def _run(spec: RunSpec, info: dict[str, Any], parts: str, resume: bool, on_epoch
         write_result(run_dir, result)
         return result
     return None
-
-
-AMP_MODES = ("auto", "bf16", "off")
 
 
 def evaluate_run(
