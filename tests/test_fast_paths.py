@@ -1,5 +1,6 @@
 """The speed paths give the numbers of the plain PyTorch calls they replace: the 16-bit dropout mask, the
-broadcast attention for a few tokens and the fused Adam of the trainer."""
+attention routes (broadcast products, matrix products, fused kernel), the fused Adam of the trainer and the padded
+one-gather collation."""
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ import torch.nn.functional as F
 
 from avlowshot.models.avca import AVCA, AVCAConfig
 from avlowshot.models.base import InputDims
-from avlowshot.models.layers import Dropout, short_attention
+from avlowshot.models.layers import MATMUL_ATTENTION_KEYS, Dropout, attend, short_attention
 from avlowshot.train.trainer import adam
 
 
@@ -47,6 +48,33 @@ def test_short_attention_equals_sdpa(n, masked):
         mask = torch.zeros(5, 1, n, n).masked_fill_(blocked, torch.finfo(torch.float32).min)
     ours = short_attention(q, k, v, mask)
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert torch.allclose(ours, ref, atol=1e-6)
+    g_ours = torch.autograd.grad(ours.square().sum(), (q, k, v))
+    g_ref = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    for a, b in zip(g_ours, g_ref, strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+KEYS = MATMUL_ATTENTION_KEYS
+
+
+@pytest.mark.parametrize("nq, nk", [(1, 3), (6, 6), (20, 20), (1, KEYS), (7, KEYS + 1)])
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])
+def test_attend_equals_sdpa_on_every_route(nq, nk, mask_kind):
+    """Broadcast products (a few tokens), matrix products (short CPU sequences) and the fused kernel (longer) give
+    sdpa's outputs and gradients."""
+    torch.manual_seed(nq * 100 + nk)
+    q = torch.randn(3, 2, nq, 16, requires_grad=True)
+    k, v = (torch.randn(3, 2, nk, 16, requires_grad=True) for _ in range(2))
+    mask = None
+    if mask_kind != "none":
+        mask = torch.rand(3, 1, nq, nk) > 0.3
+        mask[..., 0] = True  # every query keeps one key
+        if mask_kind == "additive":
+            mask = torch.zeros(mask.shape).masked_fill_(~mask, torch.finfo(torch.float32).min)
+    ours = attend(q, k, v, mask)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert ours.shape == (3, 2, nq, 16)
     assert torch.allclose(ours, ref, atol=1e-6)
     g_ours = torch.autograd.grad(ours.square().sum(), (q, k, v))
     g_ref = torch.autograd.grad(ref.square().sum(), (q, k, v))
@@ -113,3 +141,33 @@ def test_class_token_only_last_layer_equals_the_full_transformer(per_layer_masks
     assert first.shape == (6, 1, 24) and torch.allclose(first, full, atol=1e-6)
     g_full, g_first = (torch.autograd.grad(y.square().sum(), x)[0] for y in (full, first))
     assert torch.allclose(g_first, g_full, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8])
+@pytest.mark.parametrize(
+    "max_len, tight, cropped", [(None, False, False), (4, False, True), (4, True, True), (9, True, False)]
+)
+def test_padded_gather_equals_per_sample_copies(dtype, max_len, tight, cropped):
+    """The one-gather padded layout holds each sample's rows (cropped from its start) and zeros after them."""
+    from avlowshot.data.batching import _gather_temporal
+    from avlowshot.data.store import Modality
+
+    g = torch.Generator().manual_seed(3)
+    lengths = torch.tensor([3, 1, 7, 5, 2])
+    offsets = torch.cat((torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)))
+    data = (torch.rand(int(lengths.sum()), 6, generator=g) * 200).to(dtype)
+    mod = Modality(data, offsets, step_seconds=0.5)
+    idx = torch.tensor([4, 2, 0, 2])  # repeats allowed, any order
+    starts = torch.tensor([1, 2, 0, 3]) if cropped else None
+    out, mask, time = _gather_temporal(mod, idx, max_len, starts, tight)
+    begin = offsets[idx] + (0 if starts is None else starts)
+    length = offsets[idx + 1] - begin
+    length = length if max_len is None else length.clamp(max=max_len)
+    width = int(length.max()) if max_len is None or tight else max_len
+    assert out.shape == (4, width, 6) and out.dtype == torch.float32
+    for i in range(4):
+        n = int(length[i])
+        assert torch.equal(out[i, :n], data[begin[i] : begin[i] + n].float())
+        assert torch.equal(out[i, n:], torch.zeros(width - n, 6))
+        assert mask[i].tolist() == [j < n for j in range(width)]
+    assert torch.equal(time[0], torch.arange(width, dtype=torch.float32) * 0.5)

@@ -80,9 +80,11 @@ def _gather_temporal(
     batch = idx.numel()
     pos = torch.arange(width)
     mask = pos.unsqueeze(0) < length.unsqueeze(1)  # [B, L]
-    rows = (begin.unsqueeze(1) + pos.unsqueeze(0))[mask]
-    out = torch.zeros(batch, width, mod.dim, dtype=torch.float32)
-    out[mask] = mod.data[rows].to(torch.float32)
+    # One gather straight into the padded layout (padding slots read some valid row, then only they are zeroed):
+    # a zero-filled buffer and a scatter of the valid rows into it cost two more passes over [B, L, D].
+    rows = (begin.unsqueeze(1) + pos.unsqueeze(0)).clamp(max=max(len(mod.data) - 1, 0))
+    out = mod.data[rows.masked_fill_(~mask, 0)].to(torch.float32)
+    out[~mask] = 0
     # float64 products cast to float32, as the references compute their time stamps (i * 0.96 differs in float32)
     time = (pos.to(torch.float64) * mod.step_seconds).to(torch.float32).expand(batch, width).contiguous()
     return out, mask, time
