@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import torch
 from typer.testing import CliRunner
@@ -109,3 +110,25 @@ def test_bench_table_runs_each_row_in_its_own_process_and_prints_markdown(tmp_pa
     assert again.exit_code == 0 and row in again.output
     res = runner.invoke(app, ["bench-table", "--dataset", "UCF", "--methods", "ale,nope", "--work-dir", str(tmp_path)])
     assert res.exit_code == 2 and "unknown method(s) nope" in res.output
+
+
+def test_stage_set_up_is_not_charged_to_the_data_path(tmp_path, monkeypatch):
+    """Samplers and observe hooks run once per stage (ProtoGAN's prototypes read the whole training set): the bench
+    times them apart, so a slow set-up does not inflate the per-step data path."""
+    from avlowshot.train.trainer import Trainer
+
+    samplers = Trainer.samplers
+
+    def slow_samplers(self, *args, **kwargs):
+        time.sleep(0.5)
+        return samplers(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "samplers", slow_samplers)
+    out = tmp_path / "ale.json"
+    args = ["bench", "--method", "ale", "--layout", "avca-cls", "--dataset", "UCF", "--scale", "0.03",
+            "--batches", "2", "--no-eval", "--work-dir", str(tmp_path), "--out", str(out)]  # fmt: skip
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    t = json.loads(out.read_text())["train"]
+    assert t["stage_setup_seconds"] >= 0.5 and t["data_seconds"] < 0.1
+    assert "stage set-up" in res.output

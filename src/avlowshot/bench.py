@@ -4,7 +4,8 @@ What is measured, in one process, with the same code paths as ``avlowshot run``:
 
 * **data**: building (or reusing) the synthetic benchmark, opening it (cache build on first use, memory-mapped
   reopen after), and the data path of training (epoch plan = sampling, then per batch gather + padding / windows +
-  masks + device copy), as a share of a training step;
+  masks + device copy), as a share of a training step; the once-per-stage set-up (samplers, the methods' observe
+  hooks) is timed apart;
 * **training**: ``--batches`` iterations (after warm-up steps) with the method's published config, of one
   substage for curriculum methods (``--substage``, default the first; set up as stage 1 sets it up, with its novel
   stream or joint stream): seconds per iteration (every optimiser step of its batches), samples/s, seconds per
@@ -332,8 +333,12 @@ def run_bench(spec: BenchSpec, progress=None) -> dict[str, Any]:
             trainer.n_batches = steps
             say(f"training: {spec.warmup} warm-up + {spec.batches} timed steps of {trainer.batch_size}")
             method.train()
+            # The samplers and the methods' observe hooks (e.g. ProtoGAN's class prototypes over the whole training
+            # set) run once per stage, not per batch: timed apart from the data path.
             t0 = time.perf_counter()
             sampler, novel_sampler = trainer.samplers(ctx.protocol.stage1_train.indices, novel)
+            setup_seconds = time.perf_counter() - t0
+            t0 = time.perf_counter()
             plan = trainer.plan_epoch(sampler, 0, novel_sampler)
             plan_seconds = time.perf_counter() - t0
             data_s, step_s = 0.0, 0.0
@@ -370,6 +375,7 @@ def run_bench(spec: BenchSpec, progress=None) -> dict[str, Any]:
             "seconds_per_batch": per_batch,
             "step_seconds": step_s / spec.batches,
             "data_seconds": data_s / spec.batches,
+            "stage_setup_seconds": setup_seconds,
             "data_share": data_s / (data_s + step_s),
             "samples_per_second": trainer.batch_size * batches_read / per_batch,
             f"seconds_per_{EPOCH_BATCHES}_batch_epoch": per_batch * EPOCH_BATCHES,

@@ -34,6 +34,7 @@ def summary_table(rec: dict) -> Table:
         ("open (first / reopen)", f"{d['open_seconds']:.2f} s / {d['reopen_seconds']:.2f} s"),
         ("trainable parameters", f"{rec['n_params']:,}"),
         ("batch size", str(t["batch_size"])),
+        ("stage set-up (samplers, observe hooks; once per stage)", f"{t.get('stage_setup_seconds', 0):.2f} s"),
         ("training step (data + step)", f"{t['seconds_per_batch'] * 1e3:.1f} ms"),
         ("data path share", f"{100 * t['data_share']:.1f} %"),
         ("samples / s", f"{t['samples_per_second']:.0f}"),
