@@ -261,3 +261,18 @@ def test_prefetching_changes_no_number(ucf, tmp_path):
     hist = [json.loads(next((tmp_path / d).rglob("history.json")).read_text()) for d in ("on", "off")]
     assert [h["train"] for h in hist[0]] == [h["train"] for h in hist[1]]
     assert [h["val"] for h in hist[0]] == [h["val"] for h in hist[1]]
+
+
+def test_python_run_spec_checks_as_the_command_does(tmp_path):
+    """``avlowshot.api.run_spec`` is the command's wiring: the method / layout check and the config resolution
+    (sets, variant) apply from Python too."""
+    from avlowshot.api import run_spec
+
+    with pytest.raises(ConfigError, match="method 'tcaf' cannot read this layout"):
+        run_spec("tcaf", "avca-cls", "UCF", root_dir=tmp_path, log_dir=tmp_path / "runs")
+    spec = run_spec(
+        "avdiff", "avdiff", "UCF", root_dir=tmp_path, log_dir=tmp_path / "runs", shots=5, sets=["epochs=2"],
+        variant="av-gan", threads=1,
+    )  # fmt: skip
+    assert spec.cfg.epochs == 2 and spec.shots == 5 and spec.threads == 1
+    assert spec.cfg.variant == "av-gan"

@@ -27,31 +27,44 @@ def run_spec(
     sets: list[str] | tuple[str, ...] = (),
     seed: int | None = None,
     shots: int | None = None,
+    variant: str | None = None,
     compat: str = "none",
     device: str = "cpu",
     cache_dir: str | Path | None = None,
     rebuild_cache: bool = False,
+    verify_cache: bool = False,
+    threads: int | None = None,
     progress: bool = False,
 ):
-    """The :class:`~avlowshot.train.protocol.RunSpec` of ``avlowshot run`` with these options (config resolved)."""
-    from avlowshot.data.layouts import get_layout
+    """The :class:`~avlowshot.train.protocol.RunSpec` of ``avlowshot run`` with these options: the dataset, the
+    method / layout pair and the shots checked (shots read from an avdiff root when not given), the config
+    resolved (shipped config or ``config``, then ``sets``, the variant and the root's declared text width)."""
+    from avlowshot.data.layouts import check_dataset, declared_text_dim, get_layout, infer_shots
+    from avlowshot.models import registry
     from avlowshot.train import protocol
     from avlowshot.train.config import load_config
 
+    spec_layout = get_layout(layout)
+    check_dataset(dataset)
+    root_dir = Path(root_dir)
+    shots = infer_shots(spec_layout, root_dir, shots)
+    registry.check_method_layout(method, layout, shots)
     cfg = load_config(
         config,
         method=method,
         dataset=dataset,
-        feature_set=get_layout(layout).feature_set,
+        feature_set=spec_layout.feature_set,
         overrides=list(sets),
         seed=seed,
         shots=shots,
+        variant=variant,
+        text_dim=declared_text_dim(layout, root_dir, dataset, shots),
     )
     return protocol.RunSpec(
         method=method,
         layout=layout,
         dataset=dataset,
-        root_dir=Path(root_dir),
+        root_dir=root_dir,
         log_dir=Path(log_dir),
         cfg=cfg,
         shots=shots,
@@ -59,7 +72,9 @@ def run_spec(
         device=device,
         cache_dir=None if cache_dir is None else Path(cache_dir),
         rebuild_cache=rebuild_cache,
+        verify_cache=verify_cache,
         progress=progress,
+        threads=threads,
     )
 
 
@@ -75,8 +90,8 @@ def run(
     **spec_kw: Any,
 ) -> dict[str, Any] | None:
     """``avlowshot run`` from Python: the two-stage protocol into ``<log_dir>/<run name>/``; returns the result
-    record (None when ``parts`` leaves out the eval part). ``spec_kw``: config, sets, seed, shots, compat, device,
-    cache_dir (as the command's options)."""
+    record (None when ``parts`` leaves out the eval part). ``spec_kw``: the options of :func:`run_spec` (config,
+    sets, seed, shots, variant, compat, device, cache_dir, threads, ...), as the command's."""
     from avlowshot.train import protocol
 
     spec = run_spec(method, layout, dataset, root_dir=root_dir, log_dir=log_dir, **spec_kw)

@@ -146,44 +146,30 @@ def register(app: typer.Typer) -> None:
         from avlowshot.train.threads import pin_environment
 
         pin_environment()  # before torch loads its thread pools
-        from avlowshot.data.layouts import check_dataset, declared_text_dim, get_layout, infer_shots
-        from avlowshot.models import registry
+        from avlowshot.api import run_spec
         from avlowshot.train import protocol
-        from avlowshot.train.config import load_config
 
         _setup_logging(quiet)
         spec = None
         try:
-            spec_layout = get_layout(layout)
-            check_dataset(dataset)
-            shots = infer_shots(spec_layout, root_dir, shots)
-            registry.check_method_layout(method, layout, shots)
-            cfg = load_config(
-                config,
-                method=method,
-                dataset=dataset,
-                feature_set=spec_layout.feature_set,
-                overrides=set_,
+            spec = run_spec(
+                method,
+                layout,
+                dataset,
+                root_dir=root_dir,
+                log_dir=log_dir,
+                config=config,
+                sets=set_,
                 seed=seed,
                 shots=shots,
                 variant=variant,
-                text_dim=declared_text_dim(layout, root_dir, dataset, shots),
-            )
-            spec = protocol.RunSpec(
-                method=method,
-                layout=layout,
-                dataset=dataset,
-                root_dir=root_dir,
-                log_dir=log_dir,
-                cfg=cfg,
-                shots=shots,
                 compat=compat,
                 device=device,
                 cache_dir=cache_dir,
                 rebuild_cache=rebuild_cache,
                 verify_cache=verify_cache,
-                progress=sys.stderr.isatty() and not quiet,
                 threads=threads,
+                progress=sys.stderr.isatty() and not quiet,
             )
             result = protocol.run(spec, parts=run, resume=resume)
         except AvlowshotError as exc:
