@@ -1,11 +1,16 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from avlowshot.data.synth import write_synthetic
+
+# rich fixes a console's width at creation when COLUMNS is set (pytest-xdist's workers set it to 80): tests that
+# pass their own COLUMNS to a command need the width read per call, as in a plain run.
+os.environ.pop("COLUMNS", None)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "benchmarks"
 
