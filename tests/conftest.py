@@ -15,6 +15,12 @@ os.environ.pop("COLUMNS", None)
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "benchmarks"
 
 
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: one worker per core this process may use, at most 4 (a container's CPU quota does not show in
+    the core count, and every worker holds its own torch and synthetic data)."""
+    return max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 4))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _private_cache(tmp_path_factory):
     """Commands run without --cache-dir cache into a temporary folder, never the user's cache."""
