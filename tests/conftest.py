@@ -8,8 +8,8 @@ import torch
 
 from avlowshot.data.synth import write_synthetic
 
-# rich fixes a console's width at creation when COLUMNS is set (pytest-xdist's workers set it to 80): tests that
-# pass their own COLUMNS to a command need the width read per call, as in a plain run.
+# rich fixes a console's width at creation when COLUMNS is set, and pytest-xdist's workers start with COLUMNS=80:
+# tests that pass their own COLUMNS to a command need the width read per call, as in a plain run.
 os.environ.pop("COLUMNS", None)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "benchmarks"
@@ -18,7 +18,8 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "benchmarks"
 def pytest_xdist_auto_num_workers(config):
     """``-n auto``: one worker per core this process may use, at most 4 (a container's CPU quota does not show in
     the core count, and every worker holds its own torch and synthetic data)."""
-    return max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 4))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(cores, 4)
 
 
 @pytest.fixture(scope="session", autouse=True)
