@@ -1,6 +1,8 @@
 """The speed paths give the numbers of the plain PyTorch calls they replace: the 16-bit dropout mask, the
 attention routes (broadcast products, matrix products, fused kernel), the fused Adam of the trainer and the padded
-one-gather collation."""
+one-gather collation; and the allocator setting that keeps freed memory for the next step."""
+
+import os
 
 import pytest
 import torch
@@ -171,3 +173,48 @@ def test_padded_gather_equals_per_sample_copies(dtype, max_len, tight, cropped):
         assert torch.equal(out[i, n:], torch.zeros(width - n, 6))
         assert mask[i].tolist() == [j < n for j in range(width)]
     assert torch.equal(time[0], torch.arange(width, dtype=torch.float32) * 0.5)
+
+
+FAULTS_SCRIPT = """
+import resource, torch
+from avlowshot.train.allocator import keep_freed_memory
+from avlowshot.train.threads import pinned
+n = 64 * 2**20 // 4
+faults = []
+with pinned():
+    for _ in range(12):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.empty(n).fill_(1.0)  # freed at once, as a step's temporaries are
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(keep_freed_memory().replace(" ", "_"), *faults)
+"""
+
+
+@pytest.mark.parametrize("keep", ["1", "0"])
+def test_freed_memory_is_kept_for_the_next_step(keep, monkeypatch):
+    """A run (``threads.pinned``) keeps freed memory: a freed 64 MiB tensor's pages are reused by the next one of
+    its size instead of being faulted in again; glibc's default (``AVLOWSHOT_KEEP_FREED_MEMORY=0``) gives them
+    back to the kernel at every free (above its 32 MiB mmap threshold). glibc's own variables also win."""
+    import platform
+    import resource
+    import subprocess
+    import sys
+
+    from avlowshot.train import allocator
+
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
+    assert "MALLOC" in allocator._set_thresholds()
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc only")
+    env = {**os.environ, allocator.ENV: keep}
+    out = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT], env=env, capture_output=True, text=True, check=True)
+    state, *faults = out.stdout.split()
+    faults = [int(f) for f in faults]
+    pages = 64 * 2**20 // resource.getpagesize()
+    if keep == "1":
+        if state != "kept":
+            pytest.skip(f"this glibc: {state}")
+        assert max(faults[-4:]) < 0.1 * pages, faults  # the heap settles within a few steps, then no faults
+    else:
+        assert min(faults) > 0.9 * pages, faults

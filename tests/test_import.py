@@ -307,10 +307,11 @@ def test_official_ddpm_step_coefficient():
 
 def test_time_stamps_are_float64_products_cast_to_float32():
     from avlowshot.data.batching import _gather_temporal
+    from avlowshot.data.store import Modality
 
     n = 400
     for step in (0.96, 0.64):
-        mod = SimpleNamespace(data=torch.zeros(n, 2), offsets=torch.tensor([0, n]), dim=2, step_seconds=step)
+        mod = Modality(torch.zeros(n, 2), torch.tensor([0, n]), step_seconds=step)
         _, _, t = _gather_temporal(mod, torch.tensor([0]))
         want = torch.from_numpy(np.arange(n) * step).to(torch.float32)
         assert torch.equal(t[0], want)

@@ -37,6 +37,7 @@ import torch
 
 from avlowshot import __version__
 from avlowshot.errors import AvlowshotError
+from avlowshot.train.allocator import keep_freed_memory
 
 EPOCH_BATCHES = 300  # the "epoch" the per-epoch figure is quoted for (AV-DIFF / ClipClap / TCAF use 300 batches)
 
@@ -277,6 +278,7 @@ def run_bench(spec: BenchSpec, progress=None) -> dict[str, Any]:
         "version": __version__,
         "torch": torch.__version__,
         "host": platform.node(),
+        "allocator": keep_freed_memory(),
         "config": cfg.model_dump(mode="json"),
     }
     with AnonymousMemorySampler() as anon:

