@@ -48,11 +48,12 @@ def default_threads() -> int:
 @contextlib.contextmanager
 def pinned(threads: int | None = None) -> Iterator[int]:
     """Run the block with ``threads`` intra-op threads (None: the current count) and deterministic kernels; yields
-    the thread count in use."""
+    the thread count in use. From the first call on, the process also keeps freed memory for reuse
+    (:func:`avlowshot.train.allocator.keep_freed_memory`; not undone on exit)."""
     import torch
 
     check_threads(threads)
-    keep_freed_memory()  # every run, evaluation and bench comes through here; process-wide, set once
+    keep_freed_memory()  # every run, evaluation and bench comes through here
     before = torch.get_num_threads()
     det = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
