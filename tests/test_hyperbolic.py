@@ -102,6 +102,7 @@ def test_hyper_loss_is_avca_plus_the_weighted_alignment_of_the_encoder_outputs()
             out[name]["loss"].backward()
             fuse_grad = model.fusenet1.weight.grad
     want = 1e-3 * (_sim_mse(*(p.double().numpy() for p in phi[:2])) + _sim_mse(*(p.double().numpy() for p in phi[2:])))
+    out = {name: {key: float(v.detach()) for key, v in losses.items()} for name, losses in out.items()}
     assert float(out["hyper-multiple"]["l_align"]) == pytest.approx(want, rel=1e-5)
     assert float(out["hyper-multiple"]["loss"]) == pytest.approx(float(out["avca"]["loss"]) + want, rel=1e-6)
     assert float(out["poincare"]["l_align"]) == pytest.approx(want, rel=1e-4)  # the released maps: same value
