@@ -136,9 +136,19 @@ def test_ctrl_c_prints_where_the_run_stopped_and_the_resume_command(synth_root, 
     args = ["run", "--method", "avca", "--layout", "avca-cls", "--dataset", "UCF", "--root-dir", str(root),
             "--log-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"), *_sets(sets)]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "OMP_NUM_THREADS": "1"}
-    code = (
-        "import sys, torch; torch.set_num_threads(1); sys.argv[0] = 'avlowshot'; from avlowshot.cli import app; app()"
-    )
+    # The run waits after logging stage-1's first epoch, so that the signal lands in a live run at a known point
+    # (without the wait, a loaded machine once let the whole 6-second run end with exit 0 around the signal).
+    code = """import sys, time, torch
+from avlowshot.train.trainer import Trainer
+log = Trainer._log
+def log_and_wait(self, writer, epoch, *rest):
+    log(self, writer, epoch, *rest)
+    if self.name == "stage-1" and epoch == 0:
+        time.sleep(120)
+Trainer._log = log_and_wait
+torch.set_num_threads(1); sys.argv[0] = "avlowshot"
+from avlowshot.cli import app; app()
+"""
     proc = subprocess.Popen([sys.executable, "-c", code, *args], stderr=subprocess.PIPE, text=True, env=env)
     lines = []
     deadline = time.time() + 240
@@ -151,7 +161,7 @@ def test_ctrl_c_prints_where_the_run_stopped_and_the_resume_command(synth_root, 
     rest = proc.stderr.read()  # type: ignore[union-attr]
     assert proc.wait(60) == 130, "".join(lines) + rest
     assert "Traceback" not in rest
-    assert re.search(r"interrupted: .*avca_UCF_avca-cls_seed42: stage-1 after epoch [12] finished", rest), rest
+    assert re.search(r"interrupted: .*avca_UCF_avca-cls_seed42: stage-1 after epoch 1 finished", rest), rest
     command = re.search(r"continue with: (.*)", rest).group(1)
     words = shlex.split(command)
     assert words[:2] == ["avlowshot", "run"] and words[-1] == "--resume" and "epochs=3" in words

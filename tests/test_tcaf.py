@@ -475,7 +475,7 @@ def test_temporal_order_beats_time_averaged_inputs():
         torch.manual_seed(0)
         model = build_method("tcaf", {**cfg, "average_inputs": average}, InputDims(d, d, 300))
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-        for _ in range(250):
+        for _ in range(120):
             batch = make(64)
             loss = model.losses(batch, text[batch.labels], class_text=text, class_ids=ids)["loss"]
             opt.zero_grad()
