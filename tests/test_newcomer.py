@@ -136,15 +136,17 @@ def test_ctrl_c_prints_where_the_run_stopped_and_the_resume_command(synth_root, 
     args = ["run", "--method", "avca", "--layout", "avca-cls", "--dataset", "UCF", "--root-dir", str(root),
             "--log-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"), *_sets(sets)]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "OMP_NUM_THREADS": "1"}
-    # The run waits after logging stage-1's first epoch, so that the signal lands in a live run at a known point
-    # (without the wait, a loaded machine once let the whole 6-second run end with exit 0 around the signal).
-    code = """import sys, time, torch
+    # The child takes Ctrl-C as a foreground terminal run does (a test started from a background job, e.g. `pytest &`
+    # in a script, inherits an ignored SIGINT, and Python then never raises KeyboardInterrupt), and it waits after
+    # logging stage-1's first epoch, so that the signal lands in a live run at a known point.
+    code = """import signal, sys, time, torch
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from avlowshot.train.trainer import Trainer
 log = Trainer._log
 def log_and_wait(self, writer, epoch, *rest):
     log(self, writer, epoch, *rest)
     if self.name == "stage-1" and epoch == 0:
-        time.sleep(120)
+        time.sleep(60)
 Trainer._log = log_and_wait
 torch.set_num_threads(1); sys.argv[0] = "avlowshot"
 from avlowshot.cli import app; app()
