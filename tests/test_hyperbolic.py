@@ -103,9 +103,9 @@ def test_hyper_loss_is_avca_plus_the_weighted_alignment_of_the_encoder_outputs()
             fuse_grad = model.fusenet1.weight.grad
     want = 1e-3 * (_sim_mse(*(p.double().numpy() for p in phi[:2])) + _sim_mse(*(p.double().numpy() for p in phi[2:])))
     out = {name: {key: float(v.detach()) for key, v in losses.items()} for name, losses in out.items()}
-    assert float(out["hyper-multiple"]["l_align"]) == pytest.approx(want, rel=1e-5)
-    assert float(out["hyper-multiple"]["loss"]) == pytest.approx(float(out["avca"]["loss"]) + want, rel=1e-6)
-    assert float(out["poincare"]["l_align"]) == pytest.approx(want, rel=1e-4)  # the released maps: same value
+    assert out["hyper-multiple"]["l_align"] == pytest.approx(want, rel=1e-5)
+    assert out["hyper-multiple"]["loss"] == pytest.approx(out["avca"]["loss"] + want, rel=1e-6)
+    assert out["poincare"]["l_align"] == pytest.approx(want, rel=1e-4)  # the released maps: same value
     assert fuse_grad is not None and float(fuse_grad.abs().max()) < 1e-9  # fusenet1 learns nothing from the loss
     assert "l_align" not in out["avca"]
 
